@@ -1,0 +1,1 @@
+"""Step features: BLIS's trained-physics basis (parity) and our physics feature set."""

@@ -1,0 +1,1 @@
+"""Ingest: vLLM OTLP trace files → columnar per-step tables."""

@@ -1,0 +1,3 @@
+"""Shared pytest fixtures; the S3 server fixtures live in ``tests/s3_server.py``."""
+
+from s3_server import s3_env, s3_server  # noqa: F401  (registers the fixtures)
