@@ -38,9 +38,11 @@ def experiment_constants(exp: Experiment) -> dict[str, float]:
     """Per-experiment numbers describing the configuration (for embeddings and reports)."""
     a, hw, s = exp.arch, exp.hardware, exp.server
     return {
-        "tp": float(s.tensor_parallelism), "max_num_batched_tokens": float(s.max_num_batched_tokens),
-        "max_num_seqs": float(s.max_num_seqs), "hw_tflops": hw.peak_flops_per_us(
-            a.weight_bytes_per_param) / 1e6, "hw_hbm_tbs": hw.hbm_tbs,
+        "tp": float(s.tensor_parallelism),
+        "max_num_batched_tokens": float(s.max_num_batched_tokens),
+        "max_num_seqs": float(s.max_num_seqs),
+        "hw_tflops": hw.peak_flops_per_us(a.weight_bytes_per_param) / 1e6,
+        "hw_hbm_tbs": hw.hbm_tbs,
         "hw_interconnect_gbs": hw.interconnect_gbs, "arch_layers": float(a.num_layers),
         "arch_hidden": float(a.hidden_size), "arch_gqa_ratio": a.num_heads / a.num_kv_heads,
         "arch_experts": float(a.num_experts), "arch_top_k": float(a.experts_per_token),

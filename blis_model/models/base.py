@@ -44,7 +44,8 @@ def coefficient_table(names: Sequence[str], beta: np.ndarray) -> list[dict[str, 
     """Coefficients with their feature, unit and meaning, for releases and reports."""
     schema = {d["name"]: d for d in describe([n for n in names if n in REGISTRY])}
     return [{"feature": n, "value": float(b),
-             "unit": schema.get(n, {}).get("coefficient_unit", "")} for n, b in zip(names, beta)]
+             "unit": schema.get(n, {}).get("coefficient_unit", "")}
+            for n, b in zip(names, beta, strict=True)]
 
 
 def coefficient_values(table: list[dict[str, Any]]) -> np.ndarray:
