@@ -316,8 +316,6 @@ def translate_error(
         endpoint = _endpoint(storage_options_for(url, options))
         reason = str(conn).split(" when calling", 1)[0] or type(conn).__name__
         return StorageError(f"{url}: cannot reach endpoint {endpoint}: {reason}")
-    if code:
-        return StorageError(f"{url}: S3 error {code}: {exc}")
     return None
 
 
@@ -350,14 +348,23 @@ def check_reachable(url: str, options: dict[str, Any] | None = None) -> None:
             raise StorageError(f"{url}: '{probe}' is not a directory")
         return
     if not _is_s3(url):
-        with storage_errors(url, options):
+        try:
             fs.ls(path, detail=False)
+        except Exception as exc:
+            raise StorageError(f"{url}: {type(exc).__name__}: {exc}") from exc
         return
     bucket, _, key = path.partition("/")
     if not bucket:
         raise StorageError(f"{url}: no bucket in URL")
-    with storage_errors(url, options):
-        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
+    try:
+        with storage_errors(url, options):
+            fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
+    except StorageError:
+        raise
+    except Exception as exc:  # anything else still gets a one-line, redacted message
+        code = _error_code(exc)
+        detail = f"S3 error {code}: {exc}" if code else f"{type(exc).__name__}: {exc}"
+        raise StorageError(f"{url}: {detail}") from exc
 
 
 # ------------------------------------------------------------------------- writes

@@ -292,6 +292,34 @@ def test_publish_s3_hides_folder_until_commit(s3_server: S3Server, tmp_path: Pat
 
 
 @pytest.mark.services
+def test_publish_s3_commit_is_exclusive(s3_server: S3Server, tmp_path: Path) -> None:
+    """If another writer commits while we upload, our commit (If-None-Match) is refused."""
+    bucket = s3_server.make_bucket()
+    client = s3_server.client()
+    release = make_release(tmp_path / "release")
+    real_filesystem = storage.filesystem
+    with pytest.MonkeyPatch.context() as mp:
+
+        def racing(url: str, options: dict[str, Any] | None = None) -> Any:
+            fs, path = real_filesystem(url, options)
+            real_put = fs.put_file
+
+            def put_then_other_commits(*args: Any, **kwargs: Any) -> Any:
+                out = real_put(*args, **kwargs)
+                client.put_object(Bucket=bucket, Key="v1/manifest.json", Body=b"other")
+                return out
+
+            mp.setattr(fs, "put_file", put_then_other_commits)
+            return fs, path
+
+        mp.setattr(storage, "filesystem", racing)
+        with pytest.raises(StorageError, match="published concurrently"):
+            storage.publish_directory(str(release), f"s3://{bucket}/v1", s3_server.storage_options)
+    body = client.get_object(Bucket=bucket, Key="v1/manifest.json")["Body"].read()
+    assert body == b"other"  # the winner's commit is untouched
+
+
+@pytest.mark.services
 def test_publish_s3_removes_leftovers_of_a_dead_publish(
     s3_server: S3Server, tmp_path: Path
 ) -> None:
