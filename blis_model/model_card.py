@@ -1,0 +1,269 @@
+"""The human model card (``MODEL_CARD.md``) of a release, rendered from its manifest and
+coefficients. Pure formatting: everything shown is in the machine-readable files too."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+PURPOSE = (
+    "Step-time coefficients for BLIS, the discrete-event simulator of vLLM serving, learned "
+    "from real vLLM step traces. `defaults.yaml`, `hardware_config.json` and `model_configs/` "
+    "load into today's BLIS as-is (trained-physics backend); `coefficients.json` holds the "
+    "release's native model, which `blis-model predict` evaluates per step."
+)
+EVALUATIONS = (
+    ("in_sample", "In-sample (fit and scored on every step)"),
+    ("temporal_holdout", "Temporal holdout (fit on the first 70% of each experiment's steps, "
+                         "scored on the last 30%)"),
+    ("leave_one_experiment_out", "Leave one experiment out (zero-shot: its configuration "
+                                 "unseen in training)"),
+)
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 10 ** -digits):
+        return f"{value:.{digits + 1}g}"
+    return f"{value:.{digits}f}"
+
+
+def _coef(value: Any) -> str:
+    return "–" if value is None else f"{float(value):.6g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _metric_rows(results: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    rows = [[name, _num(r.get("mape")), _num(r.get("median_ape")), _num(r.get("p90_ape")),
+             _num(r.get("n"))] for name, r in sorted(results.items())]
+    scored = [r for r in results.values() if r.get("n") and r.get("mape") is not None]
+    if len(scored) > 1:
+        def mean(key: str) -> float:
+            return sum(float(r[key]) for r in scored) / len(scored)
+
+        rows.append(["**mean over experiments**", _num(mean("mape")), _num(mean("median_ape")),
+                     _num(mean("p90_ape")), str(sum(int(r["n"]) for r in scored))])
+    return rows
+
+
+def _section_release(m: Mapping[str, Any]) -> list[str]:
+    code = m.get("code") or {}
+    corpus = m.get("corpus") or {}
+    commit = code.get("git_commit") or "unknown (not a git checkout)"
+    return [
+        "## Release", "",
+        f"- version: `{m.get('version')}`",
+        f"- created: {m.get('created_at')}",
+        f"- family: `{m.get('family')}`"
+        + (f" (calibrated from release `{m['base_version']}`)" if m.get("base_version") else ""),
+        f"- corpus: `{corpus.get('url')}` — {corpus.get('experiments')} experiments, "
+        f"{corpus.get('steps')} steps; fingerprint `{str(corpus.get('fingerprint'))[:16]}…`",
+        f"- code: blis-model {code.get('version')}, commit {commit}",
+        "",
+    ]
+
+
+def _section_data(m: Mapping[str, Any]) -> list[str]:
+    ingest = m.get("ingest") or {}
+    rows = []
+    for e in m.get("experiments", []):
+        r = ingest.get(e["name"], {})
+        rows.append([e["name"], e["model"], e["hardware"], e["tensor_parallelism"],
+                     e["steps"], r.get("steps_bad_duration", 0), r.get("steps_duplicate", 0),
+                     r.get("lines_malformed", 0)])
+    return ["## Data", "", *_table(
+        ["experiment", "model", "GPU", "TP", "steps used", "dropped: bad duration",
+         "dropped: duplicate", "malformed lines"], rows), ""]
+
+
+def _section_accuracy(metrics: Mapping[str, Any]) -> list[str]:
+    out = ["## Accuracy (absolute percentage error of step time, %)", ""]
+    s = metrics.get("summary") or {}
+    if s:
+        out += [f"Mean MAPE over experiments — in-sample {_num(s.get('in_sample_mape'))}, "
+                f"temporal holdout {_num(s.get('temporal_mape'))}, leave-one-out "
+                f"{_num(s.get('loo_mape'))} (median APE {_num(s.get('loo_median_ape'))}).", ""]
+    for key, title in EVALUATIONS:
+        results = metrics.get(key) or {}
+        out += [f"### {title}", ""]
+        if not results:
+            out += ["Not available (needs at least two experiments / enough steps).", ""]
+            continue
+        out += [*_table(["experiment", "MAPE", "median APE", "p90 APE", "steps"],
+                        _metric_rows(results)), ""]
+    return out
+
+
+KeyPath = tuple[str, ...]
+_SKIP_KEYS = {"family", "params", "features"}
+
+
+def _is_table(value: Any) -> bool:
+    """A coefficient table: ``[{"feature", "value", "unit"}, ...]`` (every family's unit)."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(r, Mapping) and "feature" in r and "value" in r for r in value))
+
+
+def _is_scalar(value: Any) -> bool:
+    """A single named coefficient: ``{"value": number, "unit": ...}``."""
+    return (isinstance(value, Mapping) and "value" in value and len(value) <= 3
+            and isinstance(value["value"], int | float | None))
+
+
+def _walk(obj: Any, path: KeyPath = ()) -> list[tuple[str, KeyPath, Any]]:
+    """Coefficient tables and scalars anywhere in a model's ``to_dict``, with their paths.
+    Matrices (covariances) and other bulk data are left to ``coefficients.json``."""
+    if _is_table(obj):
+        return [("table", path, obj)]
+    if _is_scalar(obj):
+        return [("scalar", path, obj)]
+    found: list[tuple[str, KeyPath, Any]] = []
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if not path and key in _SKIP_KEYS:
+                continue
+            found += _walk(value, (*path, str(key)))
+    return found
+
+
+def _label(path: KeyPath) -> str:
+    return " / ".join(path) or "coefficients"
+
+
+def _union(tables: Sequence[Sequence[Mapping[str, Any]]]) -> list[str]:
+    names: list[str] = []
+    for table in tables:
+        names += [r["feature"] for r in table if r["feature"] not in names]
+    return names
+
+
+def _section_coefficients(m: Mapping[str, Any], coefficients: Mapping[str, Any]) -> list[str]:
+    model = coefficients.get("model") or {}
+    schema = {f["name"]: f for f in (m.get("feature_schema") or {}).get("features", [])}
+    out = ["## Coefficients", "",
+           f"Family `{model.get('family')}`; every set below is in `coefficients.json` "
+           "(`model`). Features of kind *correction* are physical time estimates (µs) whose "
+           "coefficient is a dimensionless correction (1 = runs at datasheet peak); "
+           "*overhead* features are counts whose coefficient is µs per unit.", ""]
+    if schema:
+        out += ["### Features", "", *_table(
+            ["feature", "kind", "unit", "meaning"],
+            [[n, f.get("kind", ""), f.get("unit", ""), f.get("description", "")]
+             for n, f in schema.items()]), ""]
+    extras = [(k, v) for k, v in model.items() if k not in _SKIP_KEYS and isinstance(v, list)
+              and v and all(isinstance(x, str) for x in v)]
+    out += [f"- {k}: {', '.join(f'`{x}`' for x in v)}" for k, v in extras]
+    out += [""] if extras else []
+    entries = _walk(model)
+    shared = [e for e in entries if e[1][:1] != ("per_config",)]
+    per_config = [e for e in entries if e[1][:1] == ("per_config",) and len(e[1]) >= 2]
+    for kind, path, value in shared:
+        if kind == "table":
+            out += [f"### {_label(path)}", "", *_table(
+                ["feature", "coefficient", "unit"],
+                [[r["feature"], _coef(r["value"]), r.get("unit", "")] for r in value]), ""]
+    scalars = [(p, v) for k, p, v in shared if k == "scalar"]
+    if scalars:
+        out += [f"- {_label(p)}: {_coef(v['value'])} {v.get('unit', '')}".rstrip()
+                for p, v in scalars] + [""]
+    if per_config:
+        keys = sorted({p[1] for _, p, _ in per_config})
+        column = {k: f"c{i}" for i, k in enumerate(keys)}
+        out += ["### Per-configuration sets", "",
+                "Used for steps of these configurations; any other configuration uses the "
+                "shared sets above.", ""]
+        out += [f"- `{column[k]}` = `{k}`" for k in keys] + [""]
+        subpaths: list[KeyPath] = []
+        for _, p, _ in per_config:
+            if p[2:] not in subpaths:
+                subpaths.append(p[2:])
+        for sub in subpaths:
+            here = {p[1]: (kind, v) for kind, p, v in per_config if p[2:] == sub}
+            tables = {k: v for k, (kind, v) in here.items() if kind == "table"}
+            title = f"#### per configuration{': ' + _label(sub) if sub else ''}"
+            if tables:
+                by_key = {k: {r["feature"]: r["value"] for r in t} for k, t in tables.items()}
+                units = {r["feature"]: r.get("unit", "") for t in tables.values() for r in t}
+                rows = [[n, units.get(n, ""), *(_coef(by_key[k].get(n)) if k in by_key else "–"
+                                               for k in keys)]
+                        for n in _union(list(tables.values()))]
+                out += [title, "", *_table(["feature", "unit", *column.values()], rows), ""]
+            scal = {k: v for k, (kind, v) in here.items() if kind == "scalar"}
+            if scal:
+                unit = next(iter(scal.values())).get("unit", "")
+                out += [title + (f" ({unit})" if unit else ""), "", *_table(
+                    list(column.values()),
+                    [[_coef(scal[k]["value"]) if k in scal else "–" for k in keys]]), ""]
+    return out
+
+
+def _section_blis(m: Mapping[str, Any], coefficients: Mapping[str, Any]) -> list[str]:
+    block = coefficients.get("blis_projection") or {}
+    proj = ((m.get("metrics") or {}).get("blis_projection")) or {}
+    out = ["## BLIS projection (`defaults.yaml`)", "",
+           f"Betas: {block.get('beta_source', '')}.", ""]
+    out += [*_table(["index", "term", "beta", "unit"],
+                    [[b["index"], b["name"], _coef(b["value"]), b["unit"]]
+                     for b in block.get("beta_coeffs", [])]), ""]
+    out += [f"Alphas: {block.get('alpha_source', '')}.", ""]
+    out += [*_table(["index", "term", "alpha", "unit"],
+                    [[a["index"], a["name"], _coef(a["value"]), a["unit"]]
+                     for a in block.get("alpha_coeffs", [])]), ""]
+    per = proj.get("per_experiment") or {}
+    if per:
+        rows = [[name, _num(r["model"]["mape"]), _num(r["projection"]["mape"]),
+                 _num(r.get("mape_loss")), _num(r["projection_vs_model"]["mape"]),
+                 _num(r["blis_shipped"]["mape"])] for name, r in sorted(per.items())]
+        s = proj.get("summary") or {}
+        rows.append(["**mean**", _num(s.get("model_mape")), _num(s.get("projection_mape")),
+                     _num(s.get("mape_loss")), "", _num(s.get("blis_shipped_mape"))])
+        out += ["Accuracy the projection loses (in-sample MAPE vs measured, %):", "",
+                *_table(["experiment", "release model", "BLIS projection", "loss (points)",
+                         "projection vs model", "BLIS shipped betas"], rows), ""]
+    out += ["Use it: `blis run --model <lower-cased model id> --hardware <GPU> --tp <TP> "
+            "--defaults-filepath defaults.yaml ...` from the release folder (BLIS finds "
+            "`hardware_config.json` and `model_configs/<name>/config.json` beside it).", ""]
+    return out
+
+
+def _section_problems(m: Mapping[str, Any]) -> list[str]:
+    out = ["## Ingest problems", ""]
+    any_problem = False
+    for name, r in sorted((m.get("ingest") or {}).items()):
+        problems = r.get("problems") or []
+        if not problems:
+            continue
+        any_problem = True
+        total = r.get("problems_total", len(problems))
+        more = f" (first {len(problems)} of {total})" if total > len(problems) else ""
+        out.append(f"- `{name}`{more}:")
+        out += [f"  - `{p}`" for p in problems]
+    if not any_problem:
+        out.append("None: every line of every trace file was readable.")
+    return [*out, ""]
+
+
+def render(manifest: Mapping[str, Any], coefficients: Mapping[str, Any]) -> str:
+    """The model card markdown of a release."""
+    lines = [f"# BLIS step-time model — release {manifest.get('version')}", "",
+             "## Purpose", "", PURPOSE, ""]
+    lines += _section_release(manifest)
+    lines += _section_data(manifest)
+    lines += _section_accuracy(manifest.get("metrics") or {})
+    lines += _section_coefficients(manifest, coefficients)
+    lines += _section_blis(manifest, coefficients)
+    lines += _section_problems(manifest)
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,182 @@
+"""The ``blis-model`` CLI as users and scripts run it: a real subprocess of the installed
+entry point, stdout for results, stderr for everything else."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from blis_model import pipeline
+from blis_model.cli import app
+from blis_model.release import load_release, predict_frame
+
+SAMPLE = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
+SAMPLE_EXPERIMENTS = sorted(p.name for p in SAMPLE.iterdir() if p.is_dir())
+BIN = Path(sys.executable).parent / "blis-model"
+HEADER = ["experiment", "step_id", "predicted_us"]
+
+
+def run(*args: str, env: dict[str, str] | None = None, expect: int = 0
+        ) -> subprocess.CompletedProcess[str]:
+    """Run the CLI; without ``env`` overrides, AWS settings of the caller are dropped."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BLIS_S3"))}
+    base.update({"OPENBLAS_NUM_THREADS": "1", "COLUMNS": "160"})
+    proc = subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=180,
+                          env={**base, **(env or {})})
+    assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.fixture(scope="module")
+def fitted_release(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, str]:
+    """(release URL, store, stderr) of one ``fit`` of the sample corpus."""
+    store = tmp_path_factory.mktemp("cli") / "store"
+    proc = run("fit", str(SAMPLE), "--store", str(store))
+    return last_line(proc.stdout), store, proc.stderr
+
+
+def test_fit_prints_the_release_url_last_and_progress_on_stderr(
+        fitted_release: tuple[str, Path, str]) -> None:
+    url, store, stderr = fitted_release
+    assert Path(url).parent == store / "releases"
+    assert (Path(url) / "manifest.json").is_file() and (Path(url) / "defaults.yaml").is_file()
+    assert "featurize" in stderr and "LOO MAPE" in stderr
+
+
+def test_predict_writes_one_row_per_traced_step(fitted_release: tuple[str, Path, str],
+                                                tmp_path: Path) -> None:
+    url, _, _ = fitted_release
+    out = tmp_path / "pred.csv"
+    proc = run("predict", url, str(SAMPLE), "--out", str(out))
+    assert last_line(proc.stdout) == str(out)
+    assert out.read_text().splitlines()[0] == ",".join(HEADER)
+    header, rows = read_csv(out)
+    assert header == HEADER
+    assert len(rows) == 791
+    keys = [(r["experiment"], int(r["step_id"])) for r in rows]
+    assert keys == sorted(keys) and len(set(keys)) == 791
+    assert sorted({r["experiment"] for r in rows}) == SAMPLE_EXPERIMENTS
+    predicted = np.array([float(r["predicted_us"]) for r in rows])
+    assert np.isfinite(predicted).all() and (predicted > 0).all()
+    # the CLI's numbers are the library's numbers for the same release
+    items = [pipeline.featurize(e) for e in pipeline.load_experiments(str(SAMPLE))]
+    frame = pipeline.training_frame(items).sort_values(["experiment", "step_id"])
+    np.testing.assert_allclose(predicted, predict_frame(load_release(url), frame), rtol=1e-12)
+
+
+def test_predict_is_zero_shot_for_experiments_the_release_never_saw(tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    for name in SAMPLE_EXPERIMENTS[:3]:
+        shutil.copytree(SAMPLE / name, seen / name)
+    url = last_line(run("fit", str(seen), "--store", str(tmp_path / "store")).stdout)
+    out = tmp_path / "pred.csv"
+    proc = run("predict", url, str(SAMPLE), "--out", str(out))
+    _, rows = read_csv(out)
+    assert len(rows) == 791
+    unseen = [float(r["predicted_us"]) for r in rows if r["experiment"] == SAMPLE_EXPERIMENTS[3]]
+    assert len(unseen) > 0 and all(np.isfinite(unseen)) and min(unseen) > 0
+    assert "zero-shot" in proc.stderr
+
+
+def test_fit_with_base_calibrates_a_published_release(fitted_release: tuple[str, Path, str],
+                                                      tmp_path: Path) -> None:
+    base, store, _ = fitted_release
+    one = tmp_path / "one"
+    shutil.copytree(SAMPLE / SAMPLE_EXPERIMENTS[1], one / SAMPLE_EXPERIMENTS[1])
+    url = last_line(run("fit", str(one), "--store", str(store), "--base", base).stdout)
+    manifest = json.loads((Path(url) / "manifest.json").read_text())
+    assert manifest["base_version"] == Path(base).name
+    assert manifest["family"] == "picf" and manifest["corpus"]["steps"] > 0
+
+
+def invoke(*args: str, expect: int = 0):  # noqa: ANN201 - click Result
+    """Run the CLI in-process (typer's runner keeps stdout and stderr apart)."""
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == expect, (result.stdout, result.stderr, result.exception)
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def test_releases_list_and_show(fitted_release: tuple[str, Path, str]) -> None:
+    url, store, _ = fitted_release
+    version = Path(url).name
+    assert version in invoke("releases", "list", str(store)).stdout
+    listed = json.loads(invoke("releases", "list", str(store), "--json").stdout)
+    assert version in [r["version"] for r in listed]
+    entry = next(r for r in listed if r["version"] == version)
+    assert entry["family"] == "picf" and entry["url"] == url and entry["loo_mape"] > 0
+    human = invoke("releases", "show", url).stdout
+    assert version in human and all(name in human for name in SAMPLE_EXPERIMENTS)
+    shown = json.loads(invoke("releases", "show", url, "--json").stdout)
+    assert shown == json.loads((Path(url) / "manifest.json").read_text())
+
+
+def test_errors_are_one_line_with_exit_code_1(fitted_release: tuple[str, Path, str],
+                                              tmp_path: Path) -> None:
+    _, store, _ = fitted_release
+    result = invoke("predict", str(store), str(SAMPLE), "--out", str(tmp_path / "p.csv"),
+                    expect=1)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "is a release store" in lines[0] and "releases list" in lines[0]
+    assert result.stdout == "" and not (tmp_path / "p.csv").exists()
+    invoke("releases", "show", str(tmp_path / "missing"), expect=1)
+    invoke("fit", str(SAMPLE), expect=2)  # usage error: --store is required
+
+
+def test_cli_does_not_import_prefect_or_ray() -> None:
+    code = ("import sys, blis_model.cli; "
+            "bad = [m for m in ('prefect', 'ray') if m in sys.modules]; "
+            "sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+@pytest.mark.services
+def test_s3_end_to_end_without_leaking_credentials(s3_server, tmp_path: Path) -> None:  # noqa: ANN001
+    bucket = s3_server.make_bucket()
+    client = s3_server.client()
+    for path in SAMPLE.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"corpus/{path.relative_to(SAMPLE).as_posix()}")
+    env = s3_server.env
+    fit = run("fit", f"s3://{bucket}/corpus", "--store", f"s3://{bucket}/store", env=env)
+    url = last_line(fit.stdout)
+    assert url.startswith(f"s3://{bucket}/store/releases/")
+    out = tmp_path / "pred.csv"
+    pred = run("predict", url, f"s3://{bucket}/corpus", "--out", str(out), env=env)
+    header, rows = read_csv(out)
+    assert header == HEADER and len(rows) == 791
+    listed = run("releases", "list", f"s3://{bucket}/store", "--json", env=env)
+    assert [r["url"] for r in json.loads(listed.stdout)] == [url]
+    shown = run("releases", "show", url, env=env)
+    assert Path(url).name in shown.stdout
+    key = url.split(f"s3://{bucket}/", 1)[1]
+    manifest = client.get_object(Bucket=bucket, Key=f"{key}/manifest.json")["Body"].read()
+    assert json.loads(manifest)["corpus"]["url"] == f"s3://{bucket}/corpus"
+    denied = run("fit", f"s3://{bucket}/corpus", "--store", f"s3://{bucket}/store2",
+                 env={**env, "AWS_SECRET_ACCESS_KEY": "Zz" + s3_server.secret_key[2:]}, expect=1)
+    assert denied.stderr.startswith("error: ") and len(denied.stderr.splitlines()) == 1
+    for text in (fit.stdout, fit.stderr, pred.stdout, pred.stderr, listed.stdout, shown.stdout,
+                 denied.stderr, manifest.decode()):
+        assert s3_server.secret_key not in text
+        assert s3_server.secret_key[2:] not in text
