@@ -44,10 +44,17 @@ def load_experiments(corpus_url: str, options: dict | None = None,
     Raises CorpusError for an empty corpus and ConfigError (experiment, file, key) for
     any configuration problem — never a silent guess.
     """
+    return [load_experiment(corpus_url, n, options, default_hardware)
+            for n in experiment_names(corpus_url, options)]
+
+
+def experiment_names(corpus_url: str, options: dict | None = None) -> list[str]:
+    """Names (paths relative to the corpus) of its experiments, sorted; CorpusError if none.
+    The flow loads each experiment's configuration in its own task."""
     names = discover_experiments(corpus_url, options)
     if not names:
         raise CorpusError(f"no experiments (folders with exp-config.yaml) under {corpus_url}")
-    return [load_experiment(corpus_url, n, options, default_hardware) for n in names]
+    return names
 
 
 def featurize(experiment: Experiment, options: dict | None = None) -> Featurized:
@@ -90,14 +97,24 @@ def leave_one_experiment_out(frame: pd.DataFrame, family: str = DEFAULT_FAMILY,
         return {}
     out = {}
     for name in names:
-        test = frame[frame["experiment"] == name]
-        train = frame[(frame["experiment"] != name)
-                      & (frame["config_key"] != test["config_key"].iloc[0])]
-        if train.empty:
-            continue
-        model = make_model(family, **params).fit(train)
-        out[name] = summary(model.predict(test), test["duration_us"].to_numpy())
+        fold = leave_one_out_fold(frame, name, family, **params)
+        if fold is not None:
+            out[name] = fold
     return out
+
+
+def leave_one_out_fold(frame: pd.DataFrame, name: str, family: str = DEFAULT_FAMILY,
+                       **params: Any) -> dict[str, float] | None:
+    """One fold of :func:`leave_one_experiment_out`: fit on the experiments whose
+    configuration differs from ``name``'s, predict ``name``. None when nothing is left
+    to train on."""
+    test = frame[frame["experiment"] == name]
+    train = frame[(frame["experiment"] != name)
+                  & (frame["config_key"] != test["config_key"].iloc[0])]
+    if train.empty:
+        return None
+    model = make_model(family, **params).fit(train)
+    return summary(model.predict(test), test["duration_us"].to_numpy())
 
 
 def temporal_holdout(frame: pd.DataFrame, family: str = DEFAULT_FAMILY,
@@ -116,12 +133,14 @@ def mean_metric(results: dict[str, dict[str, float]], key: str = "mape") -> floa
     return float(np.mean(values)) if values else float("nan")
 
 
-def evaluate(frame: pd.DataFrame, model: StepTimeModel, family: str = DEFAULT_FAMILY
-             ) -> dict[str, Any]:
-    """The accuracy report stored in a release: in-sample, temporal and LOO per experiment."""
+def evaluate(frame: pd.DataFrame, model: StepTimeModel, family: str = DEFAULT_FAMILY, *,
+             loo: dict[str, dict[str, float]] | None = None,
+             temporal: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """The accuracy report stored in a release: in-sample, temporal and LOO per experiment.
+    ``loo``/``temporal`` are computed here unless given (the flow runs them as tasks)."""
     in_sample = per_experiment(frame, model.predict(frame))
-    loo = leave_one_experiment_out(frame, family)
-    temporal = temporal_holdout(frame, family)
+    loo = leave_one_experiment_out(frame, family) if loo is None else loo
+    temporal = temporal_holdout(frame, family) if temporal is None else temporal
     return {
         "in_sample": in_sample,
         "temporal_holdout": temporal,

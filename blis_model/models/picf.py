@@ -14,7 +14,7 @@ stays close to the global physics and one seen with many steps follows its data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,18 @@ class PICF(StepTimeModel):
         model.n_features_in_ = self.n_features_in_
         for key, idx in X.groupby("config_key", sort=True).indices.items():
             model.config_coef_[str(key)] = self._fit_config(X.iloc[idx], y[idx], self.coef_)
+        return model
+
+    def with_config_sets(self, specialists: Mapping[str, PICF]) -> PICF:
+        """A copy (``per_config`` on) whose set for each configuration key is taken from
+        ``specialists[key]`` — e.g. ``calibrate`` on that configuration's steps, run in
+        parallel. ``fit`` equals ``PICF(per_config=False).fit`` merged this way."""
+        model = PICF(**{**self.get_params(), "per_config": True})
+        model.coef_ = self.coef_.copy()
+        model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
+        model.n_features_in_ = self.n_features_in_
+        for key in sorted(specialists):
+            model.config_coef_[str(key)] = specialists[key].config_coef_[str(key)].copy()
         return model
 
     # -- prediction ---------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""The calibration flow: traces in, a published release out, fanned out on Ray.
+
+``calibrate`` is the entry point (CLI, deployments): it picks the Ray task runner — a
+local Ray, or the cluster at ``ray_address`` — and runs :func:`calibrate_corpus`, the
+recipe, on it as a subflow, so every parameter of a run (the cluster too) is an ordinary
+flow parameter. Without ``PREFECT_API_URL`` Prefect starts its temporary local server;
+nothing has to be set up (see ``flows.runtime``).
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.context import get_run_context
+
+from blis_model.models.registry import DEFAULT_FAMILY
+from blis_model.storage import redact
+from flows.runtime import (
+    is_loopback,
+    quiet_domain_tracebacks,
+    ray_task_runner,
+    set_prefect_server_env,
+)
+from tasks.evaluate import accuracy_report, loo_fold, temporal_holdout
+from tasks.fit import fit_global, fit_specialist, has_specialists, load_base, merge_specialists
+from tasks.frame import training_frame
+from tasks.ingest import check_store, discover, featurize
+from tasks.release import publish_release
+
+
+@flow(name="calibrate-corpus")
+def calibrate_corpus(corpus: str, store: str, family: str = DEFAULT_FAMILY,
+                     default_hardware: str | None = None, base: str | None = None) -> str:
+    """discover → featurize (one task per experiment) → fit (global, then one specialist per
+    configuration) → evaluate (one task per leave-one-out fold) → release. Returns its URL."""
+    check_store(store)
+    base_release = load_base(base) if base else None
+    family = base_release.family if base_release else family
+    specialists_apart = has_specialists(family)  # also: ValueError for an unknown family
+
+    # Discover the experiments and featurize each one on its own worker.
+    names = discover(corpus)
+    featurized = featurize.map(unmapped(corpus), names, unmapped(default_hardware))
+    items = [f.result() for f in featurized]  # raises the first experiment's error
+    usable = [i for i in items if len(i.frame)]
+    frame = training_frame.submit(featurized)
+
+    # Fit: the global model, then each configuration's specialist in parallel.
+    model = fit_global.submit(frame, family, base_release.model if base_release else None)
+    if specialists_apart:
+        configs = sorted({i.experiment.config_key for i in usable})
+        specialists = {key: fit_specialist.submit(model, frame, key) for key in configs}
+        model = merge_specialists(model, {k: f.result() for k, f in specialists.items()})
+
+    # Evaluate: every leave-one-experiment-out fold and the temporal holdout in parallel.
+    folds = {i.experiment.name: loo_fold.submit(frame, i.experiment.name, family)
+             for i in usable}
+    temporal = temporal_holdout.submit(frame, family)
+    evaluation = accuracy_report.submit(frame, model, family, folds, temporal)
+
+    # Release: build the files and publish them, all or nothing.
+    return publish_release.submit(
+        model, frame, [i.experiment for i in items], [i.report for i in items], corpus, store,
+        evaluation, family, base_release.version if base_release else None).result()
+
+
+@flow(name="calibrate")
+def calibrate(corpus: str, store: str, family: str = DEFAULT_FAMILY,
+              ray_address: str | None = None, default_hardware: str | None = None,
+              base: str | None = None) -> str:
+    """Calibrate on the traces under ``corpus`` and publish a release to ``store``; return
+    the release URL. Tasks run on a local Ray, or on the cluster at ``ray_address``.
+    ``base`` (a release URL) is calibrated on the corpus instead of fitting afresh."""
+    api_url = str(get_run_context().client.api_url).rstrip("/")
+    if ray_address and is_loopback(api_url):
+        get_run_logger().warning(
+            "the Ray cluster's workers cannot reach this machine's Prefect API %s: set "
+            "PREFECT_API_URL to a Prefect server they can reach", redact(api_url))
+    recipe = calibrate_corpus.with_options(task_runner=ray_task_runner(api_url, ray_address))
+    return recipe(corpus, store, family, default_hardware, base)
+
+
+def run_calibration(corpus: str, store: str, family: str = DEFAULT_FAMILY,
+                    ray_address: str | None = None, default_hardware: str | None = None,
+                    base: str | None = None) -> str:
+    """Run :func:`calibrate` in this process (Prefect's temporary server unless
+    ``PREFECT_API_URL`` is set) and return the release URL; raises the run's error."""
+    set_prefect_server_env()
+    quiet_domain_tracebacks()
+    return calibrate(corpus=corpus, store=store, family=family, ray_address=ray_address,
+                     default_hardware=default_hardware, base=base)

@@ -1,0 +1,44 @@
+"""Evaluation tasks: leave-one-experiment-out folds, temporal holdout, the report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from blis_model import pipeline
+from blis_model.models.base import StepTimeModel
+
+
+@task(name="loo-fold", task_run_name="loo-fold {name}", cache_policy=NO_CACHE)
+def loo_fold(frame: pd.DataFrame, name: str, family: str) -> dict[str, float] | None:
+    """Zero-shot accuracy on ``name``: fit on the other configurations, predict it."""
+    fold = pipeline.leave_one_out_fold(frame, name, family)
+    if fold is None:
+        get_run_logger().info("leave-one-out %s: skipped (no other configuration)", name)
+    else:
+        get_run_logger().info("leave-one-out %s: MAPE %.1f%%, median APE %.1f%% (%d steps)",
+                              name, fold["mape"], fold["median_ape"], fold["n"])
+    return fold
+
+
+@task(name="temporal-holdout", cache_policy=NO_CACHE)
+def temporal_holdout(frame: pd.DataFrame, family: str) -> dict[str, dict[str, float]]:
+    """Fit on the first 70% of every experiment's steps, score the last 30%."""
+    return pipeline.temporal_holdout(frame, family)
+
+
+@task(name="accuracy-report", cache_policy=NO_CACHE)
+def accuracy_report(frame: pd.DataFrame, model: StepTimeModel, family: str,
+                    loo: dict[str, dict[str, float] | None],
+                    temporal: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The release's evaluation (``pipeline.evaluate``) from the folds run as tasks."""
+    folds = {name: loo[name] for name in sorted(loo) if loo[name] is not None}
+    evaluation = pipeline.evaluate(frame, model, family, loo=folds, temporal=temporal)
+    s = evaluation["summary"]
+    get_run_logger().info("%s accuracy (mean MAPE over experiments): in-sample %.1f%%, temporal "
+                          "holdout %.1f%%, leave-one-experiment-out %.1f%%", family,
+                          s["in_sample_mape"], s["temporal_mape"], s["loo_mape"])
+    return evaluation

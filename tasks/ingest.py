@@ -1,0 +1,55 @@
+"""Ingest tasks: find the experiments of a corpus, and featurize one experiment."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from blis_model import pipeline
+from blis_model.experiment import load_experiment
+from blis_model.storage import check_reachable, redact
+from tasks.policy import RETRIES, RETRY_DELAYS, transient
+
+MAX_PROBLEMS_LOGGED = 5
+
+
+@task(name="check-store", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
+def check_store(store: str) -> None:
+    """Fail early, before any work, when the release store cannot be written to."""
+    check_reachable(store)
+
+
+@task(name="discover", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
+def discover(corpus: str) -> list[str]:
+    """Names of the corpus's experiments (CorpusError when there are none)."""
+    names = pipeline.experiment_names(corpus)
+    get_run_logger().info("found %d experiment(s) under %s: %s", len(names), redact(corpus),
+                          ", ".join(names))
+    return names
+
+
+@task(name="featurize", task_run_name="featurize {name}", cache_policy=NO_CACHE,
+      retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
+def featurize(corpus: str, name: str, default_hardware: str | None = None
+              ) -> pipeline.Featurized:
+    """Load one experiment's configuration and stream its traces into its feature frame.
+
+    A configuration problem (ConfigError naming experiment, file and key) is not retried.
+    """
+    logger = get_run_logger()
+    item = pipeline.featurize(load_experiment(corpus, name, None, default_hardware))
+    exp, report = item.experiment, item.report
+    c = report.counts
+    logger.info("%s (%s, %s, TP%d): %d steps kept of %d traced; dropped %d duplicate and %d "
+                "with a missing or non-positive duration; %d malformed line(s); %.1f MB read",
+                name, exp.server.model, exp.hardware.name, exp.server.tensor_parallelism,
+                c.get("steps_kept", 0), c.get("steps_seen", 0), c.get("steps_duplicate", 0),
+                c.get("steps_bad_duration", 0), report.lines_malformed, report.bytes_read / 1e6)
+    for problem in report.problems[:MAX_PROBLEMS_LOGGED]:
+        logger.warning("%s: skipped %s", name, redact(str(problem)))
+    if len(report.problems) > MAX_PROBLEMS_LOGGED:
+        logger.warning("%s: %d more problem(s), listed in the release manifest", name,
+                       len(report.problems) - MAX_PROBLEMS_LOGGED)
+    return item

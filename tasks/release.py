@@ -1,0 +1,40 @@
+"""Release task: build the release files and publish them to the store, all or nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from blis_model.experiment import Experiment
+from blis_model.ingest.reader import IngestReport
+from blis_model.models.base import StepTimeModel
+from blis_model.release import MANIFEST, build_release, release_version
+from blis_model.release_store import publish
+from blis_model.storage import redact
+from tasks.policy import RETRIES, RETRY_DELAYS, transient
+
+
+@task(name="publish-release", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
+def publish_release(model: StepTimeModel, frame: pd.DataFrame, experiments: Sequence[Experiment],
+                    reports: Sequence[IngestReport], corpus: str, store: str,
+                    evaluation: dict[str, Any], family: str, base_version: str | None = None
+                    ) -> str:
+    """Write the release to ``store`` and return its URL. A retry builds a new version; a
+    failed attempt leaves nothing visible."""
+    files = build_release(model, frame, experiments, reports, corpus, evaluation, family,
+                          base_version=base_version)
+    version = release_version(files)
+    url = publish(files, store, version)
+    projection = json.loads(files[MANIFEST])["metrics"]["blis_projection"]["summary"]
+    get_run_logger().info("published release %s (%s, %d experiments, %d steps) at %s; its "
+                          "projection onto BLIS's basis has mean MAPE %.1f%% (BLIS's shipped "
+                          "coefficients: %.1f%%)", version, family, len(experiments), len(frame),
+                          redact(url), projection["projection_mape"],
+                          projection["blis_shipped_mape"])
+    return url

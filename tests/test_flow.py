@@ -1,0 +1,136 @@
+"""The calibration flow end to end: real Prefect (a temporary server for the session) and
+a real local Ray (2 CPUs) on the sample corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from blis_model import pipeline
+from blis_model.errors import ConfigError
+from blis_model.release import COEFFICIENTS, DEFAULTS, build_release, read_manifest
+from blis_model.release_store import list_releases
+from blis_model.storage import is_committed
+from flows.calibrate import run_calibration
+
+pytestmark = pytest.mark.services
+
+CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
+EXPERIMENTS = ["h100-codellama-34b-bf16", "h100-llama-2-7b-bf16", "h100-llama-3.1-8b-bf16",
+               "h100-mixtral-8x7b-bf16"]
+
+
+def assert_close(got: Any, want: Any, where: str = "") -> None:
+    """Equal structures whose numbers agree within 1e-9 (relative, or absolute near 0)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and sorted(got) == sorted(want), where
+        for key in want:
+            assert_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9) or (
+            math.isnan(got) and math.isnan(want)), f"{where}: {got} != {want}"
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def task_runs_of_last(flow_name: str) -> list[Any]:
+    """Task runs of the most recent run of ``flow_name`` on the session's Prefect server."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
+    from prefect.client.schemas.filters import FlowRunFilterId as RunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
+        assert runs, f"no run of {flow_name}"
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=RunId(any_=[runs[0].id])))
+
+
+def in_process_release(corpus: str) -> dict[str, bytes]:
+    """The same release built without Prefect or Ray (what ``blis-model fit`` does)."""
+    experiments = pipeline.load_experiments(corpus)
+    items = [pipeline.featurize(e) for e in experiments]
+    frame = pipeline.training_frame(items)
+    model = pipeline.fit_model(frame, "picf")
+    evaluation = pipeline.evaluate(frame, model, "picf")
+    return build_release(model, frame, experiments, [i.report for i in items], corpus,
+                         evaluation, "picf")
+
+
+def test_flow_publishes_the_release_the_library_builds(local_ray, tmp_path):
+    store = tmp_path / "store"
+
+    url = run_calibration(str(CORPUS), str(store))
+
+    assert is_committed(url)
+    assert [r["url"] for r in list_releases(str(store))] == [url]
+    manifest = read_manifest(url)
+    assert [e["name"] for e in manifest["experiments"]] == EXPERIMENTS
+    assert manifest["corpus"]["steps"] == 791
+    metrics = manifest["metrics"]
+    assert sorted(metrics["leave_one_experiment_out"]) == EXPERIMENTS
+    assert sorted(metrics["temporal_holdout"]) == EXPERIMENTS
+    assert metrics["summary"]["loo_mape"] < 20.0
+
+    want = in_process_release(str(CORPUS))
+    got_coef = json.loads((Path(url) / COEFFICIENTS).read_text())
+    want_coef = json.loads(want[COEFFICIENTS])
+    assert_close(got_coef["model"], want_coef["model"], "model")
+    assert_close(got_coef["blis_projection"], want_coef["blis_projection"], "blis_projection")
+    got_blis = yaml.safe_load((Path(url) / DEFAULTS).read_text())["trained_physics_coefficients"]
+    want_blis = yaml.safe_load(want[DEFAULTS])["trained_physics_coefficients"]
+    assert_close(got_blis, want_blis, "trained_physics_coefficients")
+    want_manifest = json.loads(want["manifest.json"])
+    for key in ("corpus", "metrics", "experiments", "ingest", "feature_schema"):
+        assert_close(manifest[key], want_manifest[key], key)
+
+    # Fanned out: one task per experiment, per configuration and per leave-one-out fold.
+    runs = task_runs_of_last("calibrate-corpus")
+    assert all(r.state.is_completed() for r in runs)
+    kinds = Counter(r.name.split(" ")[0] for r in runs if " " in r.name)
+    assert kinds == {"featurize": 4, "fit-specialist": 4, "loo-fold": 4}
+
+
+def test_a_broken_experiment_fails_the_flow_and_writes_no_release(local_ray, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(CORPUS / EXPERIMENTS[0], corpus / "good")
+    shutil.copytree(CORPUS / EXPERIMENTS[0], corpus / "broken")
+    config = yaml.safe_load((corpus / "broken" / "exp-config.yaml").read_text())
+    del config["max_num_seqs"]
+    (corpus / "broken" / "exp-config.yaml").write_text(yaml.safe_dump(config))
+    store = tmp_path / "store"
+
+    with pytest.raises(ConfigError, match=r"experiment broken: broken/exp-config.yaml: "
+                                          r"key 'max_num_seqs'"):
+        run_calibration(str(corpus), str(store))
+
+    assert list_releases(str(store)) == []
+    assert not (store / "releases").exists() or not any((store / "releases").iterdir())
+    failed = [r for r in task_runs_of_last("calibrate-corpus") if r.name == "featurize broken"]
+    assert len(failed) == 1 and failed[0].state.is_failed()
+    assert failed[0].run_count == 1  # a configuration error is not retried
+
+
+def test_only_failures_that_may_pass_next_time_are_retried():
+    from prefect.states import Failed
+
+    from blis_model.errors import CorpusError
+    from blis_model.storage import StorageError
+    from tasks.policy import transient
+
+    assert transient(None, None, Failed(data=OSError("connection reset")))
+    assert transient(None, None, Failed(data=StorageError("s3://b: cannot reach endpoint")))
+    assert not transient(None, None, Failed(data=ConfigError("missing", key="model")))
+    assert not transient(None, None, Failed(data=CorpusError("no experiments")))
