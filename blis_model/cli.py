@@ -347,6 +347,8 @@ def calibrate(corpus: CorpusArg, store: StoreOpt, family: FamilyOpt = DEFAULT_FA
         extra = {"base": base} if base else {}
         url = calibrate_flow(corpus=corpus, store=store, family=family, ray_address=ray_address,
                              default_hardware=default_hardware, **extra)
+        manifest = read_manifest(str(url), storage_options_for(str(url)))
+        err.print(_accuracy_table(manifest, f"release {manifest['version']} ({family})"))
     typer.echo(str(url))
 
 
