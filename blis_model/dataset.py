@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from blis_model.experiment import Experiment
-from blis_model.features import physics  # noqa: F401 - registers the physics features
+from blis_model.features import candidates, physics  # noqa: F401 - registers the features
 from blis_model.features.blis_parity import BETA_NAMES, blis_basis
 from blis_model.features.context import FeatureContext
 from blis_model.features.registry import REGISTRY, compute
@@ -58,22 +58,23 @@ def feature_frame(exp: Experiment, table: pa.Table,
             for name in table.column_names if name not in ("experiment", "composition")}
     ctx = feature_context(exp)
     n = table.num_rows
-    frame = pd.DataFrame({"experiment": [exp.name] * n, "config_key": [exp.config_key] * n})
-    for name, values in cols.items():
-        frame[name] = values
-    frame["step_id"] = frame["step_id"].astype(np.int64)
+    # columns are gathered first and the frame built once (inserting ~85 columns one by
+    # one into a DataFrame costs more than computing every feature)
+    data: dict[str, object] = {"experiment": [exp.name] * n, "config_key": [exp.config_key] * n}
+    data.update(cols)
+    data["step_id"] = cols["step_id"].astype(np.int64)
     if n:
         feats = compute(names, cols, ctx)
         basis = blis_basis(cols, ctx)
     else:
         feats, basis = np.zeros((0, len(names))), np.zeros((0, len(BLIS_COLUMNS)))
     for j, name in enumerate(names):
-        frame[name] = feats[:, j]
+        data[name] = feats[:, j]
     for j, name in enumerate(BLIS_COLUMNS):
-        frame[name] = basis[:, j]
+        data[name] = basis[:, j]
     for key, value in experiment_constants(exp).items():
-        frame[key] = value
-    return frame
+        data[key] = np.full(n, value)
+    return pd.DataFrame(data)
 
 
 def concat_frames(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:

@@ -1,20 +1,16 @@
-"""Streaming reader of OTLP JSON-lines trace files (plain or gzip).
+"""Streaming reader of OTLP JSON-lines trace files (plain or gzip): lines and generic events.
 
-Yields decoded *events* of the three vLLM scopes without ever holding a whole file in
-memory. Two decoders produce identical events:
+:func:`iter_lines` streams a file's lines (decompressing gzip incrementally, so memory is
+bounded by one chunk plus the longest line); :func:`decode_line` turns one line into
+:class:`Event` records of every scope through orjson. ``ingest.scan`` builds a faster
+columnar decoder for step events on top of the same walker (:func:`walk_export`).
 
-* a fast path for the canonical exporter layout of step events (regex over bytes,
-  ~8x faster than a JSON parse), verified per line by counting what it matched;
-* a generic path (orjson) used for any line the fast path cannot vouch for.
-
-A line that is not valid JSON, or a truncated gzip stream, is recorded as a
-:class:`Problem` (file, line, reason) and skipped; reading goes on.
+A line that is not valid OTLP JSON, or a truncated / corrupt gzip stream, is recorded as
+a :class:`Problem` (file, line, reason) and skipped; reading goes on.
 """
 
 from __future__ import annotations
 
-import gzip
-import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +23,10 @@ JOURNEY_SCOPE = "vllm.scheduler"
 API_SCOPE = "vllm.api"
 
 Attrs = dict[str, Any]
+
+READ_CHUNK = 1 << 20  # compressed bytes read per call
+INFLATE_CHUNK = 8 << 20  # max decompressed bytes produced per call
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,14 @@ class Event:
     span_id: str = ""
 
 
+@dataclass
+class LineStats:
+    """What :func:`iter_lines` saw: lines and uncompressed bytes (for reports, benchmarks)."""
+
+    lines: int = 0
+    bytes: int = 0
+
+
 def decode_value(value: dict[str, Any]) -> Any:
     """Decode an OTLP AnyValue (integers arrive as strings)."""
     if "intValue" in value:
@@ -75,113 +83,154 @@ def decode_attributes(attributes: list[dict[str, Any]] | None) -> Attrs:
     return {a["key"]: decode_value(a.get("value") or {}) for a in attributes or ()}
 
 
-# -- fast path -----------------------------------------------------------------------
-_STEP_EVENT = re.compile(
-    rb'\{"timeUnixNano":"(\d*)","name":"(step\.[A-Z_]+)","attributes":\[(.*?)\]\}'
-)
-_ATTR = re.compile(
-    rb'\{"key":"([^"\\]+)","value":\{"(intValue|doubleValue|stringValue|boolValue)":'
-    rb'(?:"([^"\\]*)"|([^"}]*))\}\}'
-)
-_SCOPE_NAME = b'"scope":{"name":"'
-_STEP_SCOPE_NAME = b'"scope":{"name":"vllm.scheduler.step"'
-_KIND_DECODERS = {b"intValue": int, b"doubleValue": float,
-                  b"stringValue": lambda raw: raw.decode(),
-                  b"boolValue": lambda raw: raw == b"true"}
+# -- the walker shared by the generic and the fast decoder -----------------------------
+Placeholders = tuple[str, list[str]]  # (scope, consecutive string events of one span)
 
 
-def _fast_attrs(block: bytes) -> Attrs | None:
-    attrs: Attrs = {}
-    for key, kind, quoted, bare in _ATTR.findall(block):
-        raw = quoted if quoted or not bare else bare
-        try:
-            attrs[key.decode()] = _KIND_DECODERS[kind](raw)
-        except ValueError:
-            return None
-    if len(attrs) != block.count(b'"key":'):
-        return None
-    return attrs
+def walk_export(obj: Any, placeholders: bool = False) -> list[Event | Placeholders]:
+    """The events of a parsed OTLP export object, in file order.
 
-
-def _fast_step_events(line: bytes) -> list[Event] | None:
-    """Decode a line holding only step-scope spans in canonical layout, or return None."""
-    if line.count(_SCOPE_NAME) != line.count(_STEP_SCOPE_NAME):
-        return None
-    events = []
-    for time_ns, name, block in _STEP_EVENT.findall(line):
-        attrs = _fast_attrs(block)
-        if attrs is None:
-            return None
-        events.append(Event(STEP_SCOPE, name.decode(), int(time_ns or 0), attrs))
-    if len(events) != line.count(b'"name":"step.'):
-        return None
-    return events
-
-
-def _structurally_complete(line: bytes) -> bool:
-    return (line[:1] == b"{" and line[-1:] == b"}" and line.count(b"{") == line.count(b"}")
-            and line.count(b"[") == line.count(b"]"))
-
-
-# -- generic path --------------------------------------------------------------------
-def _generic_events(obj: Any) -> list[Event]:
+    With ``placeholders``, events given as strings (the fast decoder's stand-ins for
+    events it already decoded) are returned as ``(scope, [string, ...])`` runs. Raises
+    ValueError when ``obj`` is not a well-formed OTLP export object.
+    """
     if not isinstance(obj, dict) or "resourceSpans" not in obj:
         raise ValueError("not an OTLP export object (no resourceSpans)")
-    events: list[Event] = []
-    for rs in obj.get("resourceSpans") or ():
-        for ss in rs.get("scopeSpans") or ():
-            scope = (ss.get("scope") or {}).get("name", "")
-            for span in ss.get("spans") or ():
-                span_attrs = decode_attributes(span.get("attributes"))
-                span_name = span.get("name", "")
-                base = dict(span_name=span_name, span_attrs=span_attrs,
-                            trace_id=span.get("traceId", ""), span_id=span.get("spanId", ""))
-                span_events = span.get("events") or ()
-                if not span_events:  # keep event-less spans visible (API spans may be bare)
-                    events.append(Event(scope, "", int(span.get("endTimeUnixNano") or 0), {},
-                                        **base))
-                for ev in span_events:
-                    events.append(Event(scope, ev.get("name", ""), int(ev.get("timeUnixNano") or 0),
-                                        decode_attributes(ev.get("attributes")), **base))
-    return events
+    items: list[Event | Placeholders] = []
+    try:
+        for rs in obj.get("resourceSpans") or ():
+            for ss in rs.get("scopeSpans") or ():
+                scope = (ss.get("scope") or {}).get("name", "")
+                for span in ss.get("spans") or ():
+                    span_attrs = decode_attributes(span.get("attributes"))
+                    base = dict(span_name=span.get("name", ""), span_attrs=span_attrs,
+                                trace_id=span.get("traceId", ""), span_id=span.get("spanId", ""))
+                    span_events = span.get("events") or ()
+                    if not span_events:  # keep event-less spans visible (API spans may be bare)
+                        items.append(Event(scope, "", int(span.get("endTimeUnixNano") or 0), {},
+                                           **base))
+                    run: list[str] | None = None
+                    for ev in span_events:
+                        if placeholders and type(ev) is str:
+                            if run is None:
+                                run = []
+                                items.append((scope, run))
+                            run.append(ev)
+                            continue
+                        run = None
+                        items.append(Event(scope, ev.get("name", ""),
+                                           int(ev.get("timeUnixNano") or 0),
+                                           decode_attributes(ev.get("attributes")), **base))
+    except (AttributeError, TypeError, KeyError, ValueError, OverflowError) as exc:
+        raise ValueError(f"not a valid OTLP export object ({type(exc).__name__}: {exc})"
+                         ) from None
+    return items
+
+
+def parse_line(line: bytes) -> Any:
+    """orjson-parse one line; ValueError('malformed JSON ...') if it is not JSON."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"malformed JSON ({exc})") from None
 
 
 def decode_line(line: bytes) -> list[Event]:
     """Events of one OTLP JSON line. Raises ValueError if the line is not valid OTLP JSON."""
-    line = line.strip()
-    if _structurally_complete(line):
-        fast = _fast_step_events(line)
-        if fast is not None:
-            return fast
+    return walk_export(parse_line(line.strip()))  # type: ignore[return-value]
+
+
+# -- streaming lines -------------------------------------------------------------------
+def _chunks(raw: BinaryIO, name: str, problems: list[Problem], where: list[int]
+            ) -> Iterator[bytes]:
+    """Decompressed (or plain) bytes of ``raw`` in bounded chunks. A truncated or corrupt
+    gzip stream ends the iteration with a Problem at line ``where[0] + 1``."""
+    data = raw.read(READ_CHUNK)
+    if not (name.endswith(".gz") or data[:2] == _GZIP_MAGIC):
+        while data:
+            yield data
+            data = raw.read(READ_CHUNK)
+        return
+    inflater, fed = zlib.decompressobj(zlib.MAX_WBITS | 16), False
     try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"malformed JSON ({exc})") from None
-    return _generic_events(obj)
+        while True:
+            if not data:
+                data = raw.read(READ_CHUNK)
+            exhausted = not data
+            if exhausted:  # end of input: drain what the decompressor still holds
+                out = inflater.flush()
+            else:
+                fed = True
+                out = inflater.decompress(data, INFLATE_CHUNK)
+                data = inflater.unconsumed_tail
+            if out:
+                yield out
+            if inflater.eof:  # end of one gzip member: another may follow (or zero padding)
+                # the input left after the member (unconsumed_tail may repeat it: ignore it)
+                data = inflater.unused_data.lstrip(b"\x00")
+                while not data:
+                    data = raw.read(READ_CHUNK)
+                    if not data:
+                        return
+                    data = data.lstrip(b"\x00")
+                inflater, fed = zlib.decompressobj(zlib.MAX_WBITS | 16), False
+            elif exhausted:
+                break
+    except zlib.error as exc:
+        problems.append(Problem(name, where[0] + 1,
+                                f"corrupt compressed data after line {where[0]} ({exc})"))
+        return
+    if fed:  # (an empty file is just empty)
+        problems.append(Problem(name, where[0] + 1, "truncated compressed data: the gzip "
+                                f"stream ends early, after line {where[0]}"))
 
 
-def _open_stream(raw: BinaryIO, name: str) -> BinaryIO:
-    head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
-    if name.endswith(".gz") or head == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    return raw
+def iter_lines(raw: BinaryIO, name: str, problems: list[Problem],
+               stats: LineStats | None = None) -> Iterator[tuple[int, bytes]]:
+    """``(line number, line)`` for every non-blank line of ``raw`` (1-based, stripped).
+
+    Streams: memory holds one chunk plus the longest line. A line cut off by a truncated
+    gzip stream is still yielded (its decoder reports it if it is incomplete), and the
+    truncation itself is appended to ``problems``.
+    """
+    stats = stats if stats is not None else LineStats()
+    where = [0]  # last complete line number, for truncation messages
+    pending: list[bytes] = []  # pieces of a line longer than one chunk
+    lineno = 0
+    for chunk in _chunks(raw, name, problems, where):
+        stats.bytes += len(chunk)
+        start = 0
+        end = chunk.find(b"\n")
+        while end >= 0:
+            piece = chunk[start:end]
+            if pending:
+                pending.append(piece)
+                piece = b"".join(pending)
+                pending = []
+            lineno += 1
+            where[0] = lineno
+            line = piece.strip()
+            if line:
+                yield lineno, line
+            start = end + 1
+            end = chunk.find(b"\n", start)
+        if start < len(chunk):
+            pending.append(chunk[start:])
+    if pending:
+        line = b"".join(pending).strip()
+        lineno += 1
+        if line:
+            yield lineno, line
+    stats.lines += lineno
 
 
 def iter_events(raw: BinaryIO, name: str, problems: list[Problem]) -> Iterator[Event]:
-    """Stream the events of one trace file. Unreadable lines and truncation are appended
-    to ``problems`` (never raised); everything readable is yielded."""
-    stream = _open_stream(raw, name)
-    lineno = 0
-    try:
-        for lineno, line in enumerate(stream, start=1):  # noqa: B007 - used after the loop
-            if not line.strip():
-                continue
-            try:
-                events = decode_line(line)
-            except ValueError as exc:
-                problems.append(Problem(name, lineno, str(exc)))
-                continue
-            yield from events
-    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
-        problems.append(Problem(name, lineno + 1, f"truncated or corrupt compressed data "
-                                                   f"after line {lineno} ({exc})"))
+    """Stream the events of one trace file through the generic decoder. Unreadable lines
+    and truncation are appended to ``problems`` (never raised); the rest is yielded."""
+    for lineno, line in iter_lines(raw, name, problems):
+        try:
+            events = decode_line(line)
+        except ValueError as exc:
+            problems.append(Problem(name, lineno, str(exc)))
+            continue
+        yield from events

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from blis_model.ingest.otlp import STEP_SCOPE, Event, Problem
+from blis_model.ingest.scan import EventColumns, Wanted, columns_from_events
 
 # BATCH_SUMMARY attribute → column (all numeric)
 SUMMARY_FIELDS: dict[str, str] = {
@@ -74,50 +75,109 @@ STEP_SCHEMA = pa.schema(
 )
 
 
+STEP_EVENTS: tuple[Wanted, ...] = (
+    Wanted(STEP_SCOPE, "step.REQUEST_SNAPSHOT", numbers=tuple(SNAPSHOT_FIELDS),
+           strings=("request.phase", "request.id")),
+    Wanted(STEP_SCOPE, "step.BATCH_SUMMARY", numbers=tuple(SUMMARY_FIELDS)),
+)
+"""What the step table needs from a trace: these attributes of these two events. The
+most frequent kind comes first: the fast scanner removes kinds in this order, so later
+passes run over a much shorter line."""
+SNAPSHOT, SUMMARY = STEP_EVENTS
+
+
+def _concat(chunks: list[EventColumns], wanted: Wanted) -> EventColumns:
+    if len(chunks) == 1:
+        return chunks[0]
+    numbers = {k: np.concatenate([c.numbers[k] for c in chunks] or [np.zeros(0)])
+               for k in wanted.numbers}
+    strings = {k: [x for c in chunks for x in c.strings[k]] for k in wanted.strings}
+    return EventColumns(wanted, sum(c.size for c in chunks), numbers, strings)
+
+
+def _repeats(step: np.ndarray, request_ids: list[bytes | None], usable: np.ndarray
+             ) -> np.ndarray:
+    """Indices of snapshots repeating an earlier (step, request id) pair among the
+    ``usable`` rows with a request id; the first occurrence is not a repeat."""
+    if request_ids.count(None):
+        usable = usable & np.array([r is not None for r in request_ids], dtype=bool)
+    rows = np.flatnonzero(usable)
+    if len(rows) < 2:
+        return rows[:0]
+    # prefilter on a hash of the pair: all distinct → no repeats (the common case)
+    hashes = np.fromiter(map(hash, request_ids), dtype=np.int64, count=len(request_ids))
+    step_bits = (step[rows] + 0.0).view(np.int64)  # + 0.0 folds -0.0 into 0.0
+    key = hashes[rows] + step_bits * np.int64(1_000_003)  # wraps around: fine for a filter
+    if len(np.unique(key)) == len(rows):
+        return rows[:0]
+    seen: set[tuple[float, bytes | None]] = set()
+    repeats = []
+    steps = step.tolist()
+    for i in rows.tolist():
+        pair = (steps[i], request_ids[i])
+        if pair in seen:
+            repeats.append(i)
+        else:
+            seen.add(pair)
+    return np.asarray(repeats, dtype=np.int64)
+
+
 @dataclass
 class StepTableBuilder:
-    """Accumulates step events of one experiment, then aggregates them into a table.
+    """Accumulates the step events of one experiment, then aggregates them into a table.
 
+    Feed it decoded :class:`Event` objects (:meth:`add`) or columns from the fast
+    decoder (:meth:`add_columns`), in file order; the first occurrence of a step (and of
+    a request's snapshot within a step) wins, later duplicates are counted and dropped.
     Memory is O(traced steps + snapshots); call :meth:`table` once at the end.
     """
 
     experiment: str
     block_size: int = 16
     problems: list[Problem] = field(default_factory=list)
-    _summary: dict[str, list[float]] = field(default_factory=dict)
-    _snap: dict[str, list[float]] = field(default_factory=dict)
-    _snap_prefill: list[bool] = field(default_factory=list)
+    _chunks: dict[Wanted, list[EventColumns]] = field(default_factory=dict)
+    _pending: dict[Wanted, list[Event]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._summary = {c: [] for c in SUMMARY_FIELDS.values()}
-        self._snap = {c: [] for c in SNAPSHOT_FIELDS.values()}
+        self._chunks = {w: [] for w in STEP_EVENTS}
+        self._pending = {w: [] for w in STEP_EVENTS}
+        self._by_name = {w.name: w for w in STEP_EVENTS}
 
     def add(self, event: Event) -> None:
-        if event.scope != STEP_SCOPE:
-            return
-        a = event.attrs
-        if event.name == "step.BATCH_SUMMARY":
-            if "step.id" not in a:
-                return
-            for key, col in SUMMARY_FIELDS.items():
-                value = a.get(key)
-                self._summary[col].append(np.nan if value is None else float(value))
-        elif event.name == "step.REQUEST_SNAPSHOT":
-            if "step.id" not in a:
-                return
-            for key, col in SNAPSHOT_FIELDS.items():
-                self._snap[col].append(float(a.get(key) or 0))
-            self._snap_prefill.append(a.get("request.phase") == "PREFILL")
+        """One decoded event (anything but step events is ignored)."""
+        wanted = self._by_name.get(event.name)
+        if wanted is not None and event.scope == wanted.scope:
+            self._pending[wanted].append(event)
 
     def add_all(self, events: Iterable[Event]) -> None:
         for event in events:
             self.add(event)
 
+    def add_columns(self, columns: EventColumns) -> None:
+        """Columns of step events (``ingest.scan`` with :data:`STEP_EVENTS`)."""
+        if columns.wanted not in self._chunks:
+            return
+        self._flush()
+        if columns.size:
+            self._chunks[columns.wanted].append(columns)
+
+    def _flush(self) -> None:
+        for wanted, events in self._pending.items():
+            if events:
+                self._chunks[wanted].append(columns_from_events(wanted, events))
+                self._pending[wanted] = []
+
+    def _collected(self, wanted: Wanted) -> EventColumns:
+        self._flush()
+        return _concat(self._chunks[wanted], wanted)
+
     def table(self) -> tuple[pa.Table, dict[str, int]]:
         """The step table and counts: steps seen, kept, dropped (by reason)."""
-        s = {c: np.asarray(v, dtype=np.float64) for c, v in self._summary.items()}
+        summary = self._collected(SUMMARY)
+        has_id = np.isfinite(summary.numbers["step.id"])
+        s = {col: summary.numbers[key][has_id] for key, col in SUMMARY_FIELDS.items()}
         n_seen = len(s["step_id"])
-        ids = s["step_id"].astype(np.int64) if n_seen else np.zeros(0, np.int64)
+        ids = s["step_id"].astype(np.int64)
         order = np.argsort(ids, kind="stable")
         ids_sorted = ids[order]
         first = np.ones(len(ids_sorted), bool)
@@ -128,11 +188,12 @@ class StepTableBuilder:
         valid = np.isfinite(dur) & (dur > 0)
         keep = keep[valid]
         counts = {"steps_seen": n_seen, "steps_duplicate": duplicates,
-                  "steps_bad_duration": int((~valid).sum())}
+                  "steps_bad_duration": int((~valid).sum()),
+                  "events_without_step_id": int((~has_id).sum())}
         cols = {c: v[keep] for c, v in s.items()}
         cols["step_id"] = ids[keep]
-        comp, has_snap = self._composition(cols["step_id"])
-        fallback = self._summary_composition(cols)
+        comp, has_snap = self._composition(cols["step_id"], counts)
+        fallback = self._summary_composition({c: np.nan_to_num(v) for c, v in cols.items()})
         for name in COMPOSITION_COLUMNS:
             comp[name] = np.where(has_snap, comp[name], fallback[name])
         counts["steps_kept"] = len(keep)
@@ -147,16 +208,33 @@ class StepTableBuilder:
         arrays["composition"] = pa.array(np.where(has_snap, "snapshot", "summary"), pa.string())
         return pa.table(arrays, schema=STEP_SCHEMA), counts
 
-    def _composition(self, step_ids: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def _snapshots(self, counts: dict[str, int]
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Snapshot columns (missing numbers = 0) and the PREFILL mask, without events
+        lacking a step id and without repeats of a (step, request) pair."""
+        raw = self._collected(SNAPSHOT)
+        step = raw.numbers["step.id"]
+        ok = np.isfinite(step)
+        counts["events_without_step_id"] += int((~ok).sum())
+        ok[_repeats(step, raw.strings["request.id"], ok)] = False
+        counts["snapshots_duplicate"] = int(np.isfinite(step).sum() - ok.sum())
+        snap = {col: np.nan_to_num(raw.numbers[key][ok], nan=0.0)
+                for key, col in SNAPSHOT_FIELDS.items()}
+        phase = np.asarray(raw.strings["request.phase"] + [None], dtype=object)[:-1]
+        return snap, (phase == b"PREFILL")[ok]
+
+    def _composition(self, step_ids: np.ndarray, counts: dict[str, int]
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         n = len(step_ids)
         out = {c: np.zeros(n) for c in COMPOSITION_COLUMNS}
-        snap = {c: np.asarray(v, dtype=np.float64) for c, v in self._snap.items()}
+        snap, prefill = self._snapshots(counts)
         if not len(snap["step_id"]) or not n:
             return out, np.zeros(n, bool)
-        row = np.searchsorted(step_ids, snap["step_id"].astype(np.int64))
+        snap_ids = snap["step_id"].astype(np.int64)
+        row = np.searchsorted(step_ids, snap_ids)
         row_ok = row < n
-        row_ok[row_ok] &= step_ids[row[row_ok]] == snap["step_id"][row_ok].astype(np.int64)
-        row, pf = row[row_ok], np.asarray(self._snap_prefill, bool)[row_ok]
+        row_ok[row_ok] &= step_ids[row[row_ok]] == snap_ids[row_ok]
+        row, pf = row[row_ok], prefill[row_ok]
         snap = {c: v[row_ok] for c, v in snap.items()}
         t, c, s = snap["scheduled"], snap["computed"], snap["prompt"]
         dc = ~pf
