@@ -1,0 +1,290 @@
+"""BSR-ARD — Bayesian sparse regression with automatic relevance determination (idea 4).
+
+Relative-error Bayesian linear model over the candidate features (``features.candidates``):
+x·β / y = 1 + ε, ε ~ N(0, 1/λ) (1/√λ is the typical relative error), and a Gaussian prior
+β_k ~ N(m_k, 1/α_k) per feature. With ``prior_mean="physics"`` m_k is the physical prior
+(1 for the corrections of the physics set, 0 for every other candidate), so a feature the
+evidence prunes keeps its datasheet meaning; ``"zero"`` is classic ARD (pruned = 0).
+Evidence maximisation (``models.ard``) runs on sufficient statistics — one pass over the
+rows — with the likelihood tempered by κ chosen by leave-one-configuration-out error
+(``evidence_weight="cv"``). Zero-mean features pushed negative are dropped and the
+evidence re-maximised; the final mean is the non-negative MAP, so BLIS gets β ≥ 0.
+
+Predictive uncertainty per step: std = √(ŷ²/λ + xᵀΣx) µs (``predict(X, return_std=True)``).
+Per configuration (``fit`` on donors, ``calibrate`` on a target): a conjugate update whose
+prior is the pooled posterior worth ``config_prior_steps`` steps (features the donors never
+exercised — all-zero columns — get an independent prior at their prior mean), or the
+configuration's own posterior when it is already known (sequential Bayes).
+
+:func:`transfer_check` applies the z-score rule (:class:`TransferCheck`) to a base model
+and a few target steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from blis_model.features.candidates import CANDIDATE_FEATURES
+from blis_model.models.ard import pooled_posterior, predictive_std, prior_means, stats_scale
+from blis_model.models.base import StepTimeModel, coefficient_table, coefficient_values, target
+from blis_model.models.linear import (
+    columns_fn,
+    config_groups,
+    linear_predict,
+    nonneg_quadratic,
+    relative_stats,
+    spd_inverse,
+)
+
+PRECISION_UNIT = "1 / (relative error)²"
+
+
+class BSRARD(StepTimeModel):
+    """ARD over the candidate features; per-configuration conjugate updates."""
+
+    family = "bsr_ard"
+
+    def __init__(self, features: Sequence[str] = CANDIDATE_FEATURES,
+                 prior_mean: str = "physics", evidence_weight: float | str = "cv",
+                 alpha_threshold: float = 1e5, max_iter: int = 300, tol: float = 1e-4,
+                 per_config: bool = True, config_prior_steps: float = 50.0) -> None:
+        self.features = features
+        self.prior_mean = prior_mean
+        self.evidence_weight = evidence_weight
+        self.alpha_threshold = alpha_threshold
+        self.max_iter = max_iter
+        self.tol = tol
+        self.per_config = per_config
+        self.config_prior_steps = config_prior_steps
+
+    # -- fitting ------------------------------------------------------------------------
+    @property
+    def selected_features(self) -> list[str]:
+        """The features whose coefficient the data determines (the rest keep their prior
+        mean), in candidate order."""
+        return [n for n, k in zip(self.features, self.keep_, strict=True) if k]
+
+    @property
+    def config_features(self) -> list[str]:
+        """Features a configuration's update refits: those ARD kept, plus those the pooled
+        data never exercised (all-zero columns, e.g. MoE terms without MoE donors)."""
+        return [n for n, f in zip(self.features, self.keep_ | self.unseen_, strict=True) if f]
+
+    def _config_update(self, X: pd.DataFrame, y: np.ndarray, key: str | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior (mean over all features, covariance over ``config_features``) of one
+        configuration: conjugate update of the pooled posterior (worth
+        ``config_prior_steps`` steps; unseen features get an independent prior at their
+        prior mean worth the same number of steps) — or, for a configuration the model
+        already holds, of that configuration's posterior (sequential Bayes)."""
+        free = self.keep_ | self.unseen_
+        held = [n for n, f in zip(self.features, free, strict=True) if not f]
+        stats = relative_stats(columns_fn(X, self.config_features), y,
+                               offset=linear_predict(X, held, self.coef_[~free]))
+        lam = self.noise_precision_
+        if key is not None and key in self.config_coef_:
+            prior_mean = self.config_coef_[key][free]
+            prior_prec = spd_inverse(self.config_sigma_[key])
+        else:
+            steps = self.config_prior_steps
+            kept = np.flatnonzero(self.keep_[free])
+            unseen = np.flatnonzero(self.unseen_[free])
+            prior_mean = self.coef_[free]
+            prior_prec = np.zeros((int(free.sum()), int(free.sum())))
+            prior_prec[np.ix_(kept, kept)] = self.precision_ * (steps / max(self.n_train_, 1.0))
+            scale = stats.column_scale[unseen]
+            prior_prec[unseen, unseen] = lam * steps * np.where(scale > 0, scale, 1.0) ** 2
+        H = lam * stats.gram + prior_prec
+        c = lam * stats.moment + prior_prec @ prior_mean
+        mean = self.coef_.copy()
+        mean[free] = nonneg_quadratic(H, c)
+        return mean, spd_inverse(H)
+
+    def fit(self, X: pd.DataFrame, y: Any = None) -> BSRARD:
+        y = target(X, y)
+        if not len(y):
+            raise ValueError("BSRARD.fit needs at least one step")
+        post, self.evidence_weight_, self.evidence_cv_ = pooled_posterior(
+            X, y, self.features, prior_means(self.features, self.prior_mean),
+            self.evidence_weight, alpha_threshold=self.alpha_threshold,
+            max_iter=self.max_iter, tol=self.tol)
+        self.keep_ = post.keep
+        self.unseen_ = ~post.keep & (stats_scale(X, self.features) == 0)
+        self.coef_ = post.mean
+        self.alpha_ = post.alpha
+        self.noise_precision_ = post.noise_precision
+        self.sigma_ = post.cov
+        self.precision_ = post.precision
+        self.n_train_ = float(len(y)) * self.evidence_weight_
+        self.config_coef_: dict[str, np.ndarray] = {}
+        self.config_sigma_: dict[str, np.ndarray] = {}
+        if self.per_config:
+            for key, idx in config_groups(X).items():
+                self.config_coef_[key], self.config_sigma_[key] = self._config_update(
+                    X.iloc[idx], y[idx])
+        self.n_features_in_ = len(self.features)
+        return self
+
+    def _copy_fitted(self) -> BSRARD:
+        model = BSRARD(**self.get_params())
+        for name in ("keep_", "unseen_", "coef_", "alpha_", "sigma_", "precision_"):
+            setattr(model, name, getattr(self, name).copy())
+        model.noise_precision_ = self.noise_precision_
+        model.n_train_ = self.n_train_
+        model.evidence_weight_ = self.evidence_weight_
+        model.evidence_cv_ = dict(self.evidence_cv_)
+        model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
+        model.config_sigma_ = {k: v.copy() for k, v in self.config_sigma_.items()}
+        model.n_features_in_ = self.n_features_in_
+        return model
+
+    def calibrate(self, X: pd.DataFrame, y: Any = None) -> BSRARD:
+        """A copy with the posterior of every configuration in ``X`` updated on its steps
+        (prior: its current posterior if known, else the pooled posterior worth
+        ``config_prior_steps`` steps)."""
+        y = target(X, y)
+        model = self._copy_fitted()
+        for key, idx in config_groups(X).items():
+            model.config_coef_[key], model.config_sigma_[key] = self._config_update(
+                X.iloc[idx], y[idx], key)
+        return model
+
+    # -- prediction ---------------------------------------------------------------------
+    def posterior_for(self, config_key: str | None
+                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(mean over all features, covariance, the features it covers) of a
+        configuration."""
+        key = str(config_key)
+        if key in self.config_coef_:
+            return self.config_coef_[key], self.config_sigma_[key], self.config_features
+        return self.coef_, self.sigma_, self.selected_features
+
+    def predict(self, X: pd.DataFrame, return_std: bool = False
+                ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        mean = np.empty(len(X))
+        std = np.empty(len(X))
+        groups = config_groups(X) or {"": np.arange(len(X))}
+        for key, idx in groups.items():
+            coef, cov, covered = self.posterior_for(key)
+            mean[idx] = linear_predict(X, self.features, coef, idx)
+            if return_std:
+                std[idx] = predictive_std(X, covered, cov, mean[idx], self.noise_precision_,
+                                          idx)
+        return (mean, std) if return_std else mean
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "params": {**self.get_params(), "features": list(self.features)},
+            "features": list(self.features),
+            "selected": self.selected_features,
+            "unseen": [n for n, u in zip(self.features, self.unseen_, strict=True) if u],
+            "global": coefficient_table(self.features, self.coef_),
+            "alpha": [None if not np.isfinite(a) else float(a) for a in self.alpha_],
+            "noise_precision": {"value": self.noise_precision_, "unit": PRECISION_UNIT},
+            "covariance": self.sigma_.tolist(),
+            "precision": self.precision_.tolist(),
+            "n_train": self.n_train_,
+            "evidence_weight": self.evidence_weight_,
+            "evidence_cv": {str(k): v for k, v in self.evidence_cv_.items()},
+            "per_config": {k: {"coefficients": coefficient_table(self.features, v),
+                               "covariance": self.config_sigma_[k].tolist()}
+                           for k, v in sorted(self.config_coef_.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BSRARD:
+        params = dict(data["params"])
+        params["features"] = tuple(params["features"])
+        model = cls(**params)
+        model.coef_ = coefficient_values(data["global"])
+        selected = set(data["selected"])
+        model.keep_ = np.array([n in selected for n in model.features])
+        model.unseen_ = np.array([n in set(data["unseen"]) for n in model.features])
+        model.alpha_ = np.array([np.inf if a is None else a for a in data["alpha"]])
+        model.noise_precision_ = float(data["noise_precision"]["value"])
+        k = int(model.keep_.sum())
+        model.sigma_ = np.asarray(data["covariance"], dtype=np.float64).reshape(k, k)
+        model.precision_ = np.asarray(data["precision"], dtype=np.float64).reshape(k, k)
+        model.n_train_ = float(data["n_train"])
+        model.evidence_weight_ = float(data["evidence_weight"])
+        model.evidence_cv_ = {float(k): v for k, v in data["evidence_cv"].items()}
+        model.config_coef_ = {key: coefficient_values(v["coefficients"])
+                              for key, v in data["per_config"].items()}
+        f = len(model.config_features)
+        model.config_sigma_ = {key: np.asarray(v["covariance"], dtype=np.float64).reshape(f, f)
+                               for key, v in data["per_config"].items()}
+        model.n_features_in_ = len(model.features)
+        return model
+
+
+# -- transfer check ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class TransferCheck:
+    """Outcome of the z-score transfer check on a few target steps.
+
+    Rule: with z_i = (y_i − ŷ_i)/σ_i the standardized residuals of the base model,
+    the transfer FAILS when
+      (bias)  |mean z| > max(2/√n_eff, ``min_bias``)  — n_eff = n·(1−ρ)/(1+ρ) discounts
+              the lag-1 autocorrelation ρ ≥ 0 of z along the steps; ``min_bias`` (0.5 σ)
+              keeps statistically significant but practically tiny biases from failing;
+      or (tails) the fraction of |z| > 3 exceeds ``tail_limit`` (10%; Gaussian: 0.27%).
+    """
+
+    n_steps: int
+    mean_z: float
+    rms_z: float
+    frac_beyond_3: float
+    n_effective: float
+    bias_limit: float
+    passed: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def z_score_check(y: np.ndarray, mean: np.ndarray, std: np.ndarray, min_bias: float = 0.5,
+                  tail_limit: float = 0.1) -> TransferCheck:
+    """The rule of :class:`TransferCheck` on truths, predictions and predictive stds (µs),
+    given in step order."""
+    y, mean, std = (np.asarray(a, dtype=np.float64) for a in (y, mean, std))
+    n = len(y)
+    if not n:
+        return TransferCheck(0, 0.0, 0.0, 0.0, 0.0, np.inf, True, "no target steps")
+    z = (y - mean) / np.maximum(std, 1e-12)
+    rho = 0.0
+    if n > 2 and np.std(z) > 0:
+        rho = float(np.clip(np.corrcoef(z[:-1], z[1:])[0, 1], 0.0, 0.99))
+    n_eff = max(n * (1 - rho) / (1 + rho), 1.0)
+    limit = max(2.0 / np.sqrt(n_eff), min_bias)
+    mean_z = float(z.mean())
+    tails = float(np.mean(np.abs(z) > 3.0))
+    reasons = []
+    if abs(mean_z) > limit:
+        reasons.append(f"bias: |mean z| = {abs(mean_z):.2f} > {limit:.2f}")
+    if tails > tail_limit:
+        reasons.append(f"tails: {tails:.0%} of |z| > 3 (limit {tail_limit:.0%})")
+    return TransferCheck(n, mean_z, float(np.sqrt(np.mean(z * z))), tails, float(n_eff),
+                         float(limit), not reasons, "; ".join(reasons) or "ok")
+
+
+def transfer_check(model: Any, X: pd.DataFrame, y: Any = None, min_bias: float = 0.5,
+                   tail_limit: float = 0.1) -> TransferCheck:
+    """z-score check of ``model`` (anything with ``predict(X, return_std=True)``) on the
+    target steps ``X`` (ordered by step id within each experiment)."""
+    if "step_id" in X:
+        order = np.lexsort((X["step_id"].to_numpy(), X["experiment"].to_numpy()
+                            if "experiment" in X else np.zeros(len(X))))
+        X = X.iloc[order]
+        if y is not None:
+            y = np.asarray(y)[order]
+    truth = target(X, y)
+    mean, std = model.predict(X, return_std=True)
+    return z_score_check(truth, mean, std, min_bias, tail_limit)
