@@ -9,12 +9,13 @@ from blis_model.models.bsr_ard import BSRARD
 from blis_model.models.hfd_tl import HFDTL
 from blis_model.models.hybrid import Hybrid
 from blis_model.models.mole_rd import MoLERD
+from blis_model.models.overlap import Overlap
 from blis_model.models.picf import PICF
 from blis_model.models.rece import RECE
 
 FAMILIES: dict[str, type[StepTimeModel]] = {
     "picf": PICF, "mole_rd": MoLERD, "hfd_tl": HFDTL, "bsr_ard": BSRARD, "rece": RECE,
-    "hybrid": Hybrid,
+    "hybrid": Hybrid, "overlap": Overlap,
 }
 DEFAULT_FAMILY = "picf"
 

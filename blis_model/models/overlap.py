@@ -1,0 +1,215 @@
+"""OVERLAP — host/device overlap roofline: the GPU and the CPU work at the same time.
+
+vLLM's engine launches kernels from the CPU while the GPU executes earlier ones, so a
+step takes about the LONGER of the two, not their sum. Small batches are launch-bound
+(the CPU's per-layer / per-request / per-step cost decides), large ones GPU-bound. The
+model keeps two linear experts with physical units and combines them with a smooth max:
+
+    g = Σ_k θ_k · f_k(step)      GPU time, µs (f_k: roofline µs features, θ_k ≥ 0
+                                 dimensionless corrections, prior 1)
+    c = Σ_j φ_j · n_j(step)      CPU time, µs (n_j: counts — layers, requests, steps;
+                                 φ_j ≥ 0 µs per unit)
+    StepTime = (g^p + c^p)^(1/p)  (p = ``power``; p → ∞ is the hard max, p = 1 the sum)
+
+Equivalently a two-regime mixture of linear experts whose gate is the experts' own
+ratio: StepTime = w·c + (1−w)·g with w = c^p/(g^p + c^p) up to the p-norm's scale.
+
+Fit: non-negative least squares on relative error (scipy ``least_squares``, analytic
+Jacobian, cost linear in rows), ridge toward the prior on the GPU corrections; a global
+set plus one set per configuration shrunk toward it (``config_prior_steps``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import least_squares
+
+from blis_model.features.physics import PHYSICS_FEATURES
+from blis_model.features.registry import REGISTRY
+from blis_model.models.base import (
+    StepTimeModel,
+    coefficient_table,
+    coefficient_values,
+    design,
+    target,
+)
+from blis_model.models.solvers import RelativeGram, nonneg_ridge
+
+DEFAULT_GPU = tuple(n for n in PHYSICS_FEATURES if REGISTRY[n].kind == "correction")
+DEFAULT_CPU = tuple(n for n in PHYSICS_FEATURES if REGISTRY[n].kind == "overhead")
+
+
+def _scatter(free: np.ndarray, active: np.ndarray, base: np.ndarray) -> np.ndarray:
+    out = base.copy()
+    out[active] = free
+    return out
+
+
+def overlap_time(g: np.ndarray, c: np.ndarray, power: float) -> np.ndarray:
+    """Smooth max (g^p + c^p)^(1/p) of GPU and CPU time (µs), computed stably."""
+    m = np.maximum(np.maximum(g, c), 1e-12)
+    return m * ((g / m) ** power + (c / m) ** power) ** (1.0 / power)
+
+
+class Overlap(StepTimeModel):
+    """Smooth max of a GPU expert and a CPU expert, global + per configuration."""
+
+    family = "overlap"
+
+    def __init__(self, gpu_features: Sequence[str] = DEFAULT_GPU,
+                 cpu_features: Sequence[str] = DEFAULT_CPU, power: float = 3.0,
+                 ridge: float = 0.1, per_config: bool = True,
+                 config_prior_steps: float = 50.0, max_iterations: int = 200) -> None:
+        self.gpu_features = gpu_features
+        self.cpu_features = cpu_features
+        self.power = power
+        self.ridge = ridge
+        self.per_config = per_config
+        self.config_prior_steps = config_prior_steps
+        self.max_iterations = max_iterations
+
+    # -- helpers ------------------------------------------------------------------------
+    @property
+    def features(self) -> tuple[str, ...]:
+        return tuple(self.gpu_features) + tuple(self.cpu_features)
+
+    def _split(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = len(self.gpu_features)
+        return theta[:k], theta[k:]
+
+    def _predict_with(self, G: np.ndarray, C: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        tg, tc = self._split(theta)
+        return overlap_time(G @ tg, C @ tc, self.power)
+
+    def _solve(self, G: np.ndarray, C: np.ndarray, y: np.ndarray, prior: np.ndarray,
+               penalty: np.ndarray, start: np.ndarray) -> np.ndarray:
+        """argmin_{θ ≥ 0} Σ(ŷ/y − 1)² + Σ penalty_k·s_k²·(θ_k − prior_k)²."""
+        A = np.column_stack([G, C]) / y[:, None]
+        scale = np.sqrt((A * A).mean(axis=0))
+        scale[scale == 0] = 1.0
+        weight = np.sqrt(penalty) * scale
+        k, p = len(self.gpu_features), self.power
+        Gy, Cy = G / y[:, None], C / y[:, None]
+
+        def residuals(theta: np.ndarray) -> np.ndarray:
+            tg, tc = theta[:k], theta[k:]
+            fit = overlap_time(Gy @ tg, Cy @ tc, p) - 1.0
+            return np.concatenate([fit, weight * (theta - prior)])
+
+        def jacobian(theta: np.ndarray) -> np.ndarray:
+            tg, tc = theta[:k], theta[k:]
+            g, c = Gy @ tg, Cy @ tc
+            total = np.maximum(overlap_time(g, c, p), 1e-12)
+            wg = (np.maximum(g, 0) / total) ** (p - 1)
+            wc = (np.maximum(c, 0) / total) ** (p - 1)
+            J = np.column_stack([Gy * wg[:, None], Cy * wc[:, None]])
+            return np.vstack([J, np.diag(weight)])
+
+        # a feature the data never exercises (an all-zero column) keeps its prior exactly
+        active = (A != 0).any(axis=0)
+        theta = np.where(active, np.clip(start, 1e-9, None), np.maximum(prior, 0.0))
+        if not active.any():
+            return theta
+
+        def free_residuals(free: np.ndarray) -> np.ndarray:
+            return residuals(np.where(active, _scatter(free, active, theta), theta))
+
+        def free_jacobian(free: np.ndarray) -> np.ndarray:
+            return jacobian(_scatter(free, active, theta))[:, active]
+
+        result = least_squares(free_residuals, theta[active], jac=free_jacobian,
+                               bounds=(0.0, np.inf), x_scale="jac",
+                               max_nfev=self.max_iterations, method="trf")
+        return _scatter(result.x, active, theta)
+
+    def _start(self, G: np.ndarray, C: np.ndarray, y: np.ndarray, prior: np.ndarray
+               ) -> np.ndarray:
+        """Additive non-negative fit: a good, safe starting point."""
+        stats = RelativeGram.from_rows(np.column_stack([G, C]), y)
+        return nonneg_ridge(stats, prior, np.zeros(len(prior)))
+
+    def _prior_and_penalty(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        k, m = len(self.gpu_features), len(self.cpu_features)
+        prior = np.concatenate([np.ones(k), np.zeros(m)])
+        penalty = np.concatenate([np.full(k, self.ridge * n), np.zeros(m)])
+        return prior, penalty
+
+    # -- fitting ------------------------------------------------------------------------
+    def fit(self, X: pd.DataFrame, y: Any = None) -> Overlap:
+        y = target(X, y)
+        if not len(y):
+            raise ValueError("Overlap.fit needs at least one step")
+        G, C = design(X, self.gpu_features), design(X, self.cpu_features)
+        prior, penalty = self._prior_and_penalty(len(y))
+        start = self._start(G, C, y, prior)
+        self.coef_ = self._solve(G, C, y, prior, penalty, start)
+        self.config_coef_: dict[str, np.ndarray] = {}
+        if self.per_config and "config_key" in X:
+            for key, idx in X.groupby("config_key", sort=True).indices.items():
+                self.config_coef_[str(key)] = self._fit_config(G[idx], C[idx], y[idx])
+        self.n_features_in_ = len(self.features)
+        return self
+
+    def _fit_config(self, G: np.ndarray, C: np.ndarray, y: np.ndarray) -> np.ndarray:
+        penalty = np.full(len(self.coef_), float(self.config_prior_steps))
+        return self._solve(G, C, y, self.coef_, penalty, self.coef_)
+
+    def calibrate(self, X: pd.DataFrame, y: Any = None) -> Overlap:
+        """A copy with per-configuration sets refit on ``X`` (few target steps), shrunk
+        toward this model's global coefficients."""
+        y = target(X, y)
+        model = Overlap(**self.get_params())
+        model.coef_ = self.coef_.copy()
+        model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
+        model.n_features_in_ = self.n_features_in_
+        G, C = design(X, self.gpu_features), design(X, self.cpu_features)
+        for key, idx in X.groupby("config_key", sort=True).indices.items():
+            model.config_coef_[str(key)] = self._fit_config(G[idx], C[idx], y[idx])
+        return model
+
+    # -- prediction ---------------------------------------------------------------------
+    def coefficients_for(self, config_key: str | None) -> np.ndarray:
+        return self.config_coef_.get(str(config_key), self.coef_) if config_key else self.coef_
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        G, C = design(X, self.gpu_features), design(X, self.cpu_features)
+        if "config_key" not in X or not self.config_coef_:
+            return self._predict_with(G, C, self.coef_)
+        out = np.empty(len(X))
+        for key, idx in X.groupby("config_key", sort=False).indices.items():
+            out[idx] = self._predict_with(G[idx], C[idx], self.coefficients_for(str(key)))
+        return out
+
+    def gpu_cpu_us(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """The two experts' times (µs) per step, global coefficients."""
+        tg, tc = self._split(self.coef_)
+        return design(X, self.gpu_features) @ tg, design(X, self.cpu_features) @ tc
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        params = {**self.get_params(), "gpu_features": list(self.gpu_features),
+                  "cpu_features": list(self.cpu_features)}
+        return {
+            "family": self.family,
+            "params": params,
+            "features": list(self.features),
+            "combine": {"rule": "(gpu^power + cpu^power)^(1/power)", "power": self.power},
+            "global": coefficient_table(self.features, self.coef_),
+            "per_config": {k: coefficient_table(self.features, v)
+                           for k, v in sorted(self.config_coef_.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Overlap:
+        params = dict(data["params"])
+        params["gpu_features"] = tuple(params["gpu_features"])
+        params["cpu_features"] = tuple(params["cpu_features"])
+        model = cls(**params)
+        model.coef_ = coefficient_values(data["global"])
+        model.config_coef_ = {k: coefficient_values(v) for k, v in data["per_config"].items()}
+        model.n_features_in_ = len(model.features)
+        return model
