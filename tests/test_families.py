@@ -21,6 +21,7 @@ from blis_model.models.conformal import SplitConformal
 from blis_model.models.hfd_tl import HFDTL, learning_curve
 from blis_model.models.hybrid import Hybrid
 from blis_model.models.mole_rd import MoLERD, boundary_jumps
+from blis_model.models.overlap import Overlap
 from blis_model.models.picf import PICF
 from blis_model.models.rece import RECE
 from blis_model.models.regimes import REGIMES
@@ -81,6 +82,9 @@ def make(family: str) -> object:
     """Each family configured for the small test frames."""
     return {
         "picf": lambda: PICF(features=FEATURES),
+        # power 1 (sum of the two experts): the contract tests label data additively
+        "overlap": lambda: Overlap(gpu_features=FEATURES[:3], cpu_features=FEATURES[3:],
+                                   power=1.0),
         "mole_rd": lambda: MoLERD(features=FEATURES),
         "hfd_tl": lambda: HFDTL(features=FEATURES, residual_features=("step_overhead",)),
         "bsr_ard": lambda: BSRARD(features=FEATURES + NOISE_FEATURES),
