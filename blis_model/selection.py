@@ -14,6 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from blis_model import pipeline
+from blis_model.models.registry import FAMILIES
+
 FAMILY_ORDER: tuple[str, ...] = ("picf", "overlap", "mole_rd", "hfd_tl", "bsr_ard", "rece",
                                  "hybrid")
 """Simplest first: on a tie the simpler family wins."""
@@ -83,3 +86,14 @@ def choose(scores: Sequence[FamilyScore]) -> Selection:
         reason = (f"{best.family}: lowest leave-one-experiment-out mean MAPE "
                   f"{best.loo_mape:.2f}% (temporal {best.temporal_mape:.2f}%){margin}")
     return Selection(best.family, reason, tuple(ranked))
+
+
+def compare_families(frame: Any, families: Sequence[str] | None = None) -> Selection:
+    """Validate every family on ``frame`` (LOO + temporal, in-process) and choose.
+
+    The flow runs the same folds as parallel tasks and calls :func:`score`/:func:`choose`.
+    """
+    names = list(families or [f for f in FAMILY_ORDER if f in FAMILIES])
+    scores = [score(f, pipeline.leave_one_experiment_out(frame, f),
+                    pipeline.temporal_holdout(frame, f)) for f in names]
+    return choose(scores)
