@@ -1,0 +1,3 @@
+module blismodel/goeval
+
+go 1.19
