@@ -21,11 +21,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+test: setup go-toolchain
 	$(TEST_ENV) $(BIN)/python -m pytest -q tests
 
+# The real step-only sample corpus (BLIS default alphas), then a synthetic multi-config corpus
+# with journey + API traces (fitted alphas, TTFT/ITL/E2E accuracy), both into store/.
 demo: setup
 	$(TEST_ENV) $(BIN)/blis-model calibrate corpus/h100-real-steps --store store/
+	rm -rf out/demo-synth
+	$(TEST_ENV) $(BIN)/blis-model synth out/demo-synth --experiments 3 --requests 200 --seed 0
+	$(TEST_ENV) $(BIN)/blis-model calibrate out/demo-synth --store store/
 
 lint: setup
 	$(BIN)/ruff check .
@@ -33,3 +38,20 @@ lint: setup
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# The calibration loop on this machine (127.0.0.1): S3 server, Prefect server + UI, Ray head
+# and the served deployments; `make stop` stops exactly what `make serve` started.
+.PHONY: serve stop
+serve: setup
+	$(BIN)/python -m deploy.stack start
+
+stop:
+	$(BIN)/python -m deploy.stack stop
+
+# Go (Debian's golang-go, 1.19) for the Go evaluator of releases (deploy/goeval); its
+# golden tests run inside pytest (tests/test_golden.py). Installs only when missing, as root.
+.PHONY: go-toolchain
+go-toolchain:
+	@command -v go >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go; \
+	else echo "go is missing: apt-get install golang-go (Go evaluator tests will skip)"; fi; }

@@ -35,7 +35,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from blis_model import pipeline
+from blis_model import channels, pipeline, request_level
+from blis_model.channels import Pointer, list_channels
 from blis_model.errors import BlisModelError, CorpusError, ReleaseError
 from blis_model.experiment import Experiment
 from blis_model.metrics import per_experiment
@@ -49,7 +50,7 @@ from blis_model.release import (
     read_manifest,
     release_version,
 )
-from blis_model.release_store import list_releases, publish
+from blis_model.release_store import diff_releases, list_releases, publish
 from blis_model.storage import (
     StorageError,
     check_reachable,
@@ -67,8 +68,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-releases_app = typer.Typer(help="List and inspect published releases.", no_args_is_help=True,
-                           pretty_exceptions_enable=False)
+releases_app = typer.Typer(help="List, inspect, compare and promote releases.",
+                           no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(releases_app, name="releases")
 
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
@@ -156,14 +157,15 @@ def _progress() -> Progress:
                     MofNCompleteColumn(), TimeElapsedColumn(), console=err)
 
 
-def _featurize_all(experiments: Sequence[Experiment], options: dict[str, Any]
+def _featurize_all(experiments: Sequence[Experiment], options: dict[str, Any],
+                   settings: request_level.RequestSettings | None = None
                    ) -> list[pipeline.Featurized]:
     items = []
     with _progress() as progress:
         task = progress.add_task("featurize", total=len(experiments))
         for exp in experiments:
             progress.update(task, description=f"featurize {exp.name}")
-            items.append(pipeline.featurize(exp, options))
+            items.append(pipeline.featurize(exp, options, settings))
             progress.advance(task)
         progress.update(task, description="featurize")
     return items
@@ -238,6 +240,12 @@ FamilyOpt = Annotated[str, typer.Option(
     "--family", help=f"Model family ({', '.join(sorted(FAMILIES))}).")]
 HardwareOpt = Annotated[str | None, typer.Option(
     "--default-hardware", help="GPU for experiments whose exp-config.yaml has no 'hardware'.")]
+FailureRateOpt = Annotated[float, typer.Option(
+    "--max-request-failure-rate", min=0.0, max=1.0,
+    help="Stop when more than this share of an experiment's requests fail validation.")]
+OverloadOpt = Annotated[bool, typer.Option(
+    "--exclude-overloaded/--keep-overloaded",
+    help="Leave experiments whose queue keeps growing out of training.")]
 
 
 @app.command()
@@ -245,15 +253,21 @@ def fit(corpus: CorpusArg, store: StoreOpt, family: FamilyOpt = DEFAULT_FAMILY,
         base: Annotated[str | None, typer.Option(
             "--base", help="Release to calibrate on the corpus instead of fitting afresh.")]
         = None,
-        default_hardware: HardwareOpt = None) -> None:
-    """Fit a model on CORPUS, publish a release to STORE, print the release URL (last line)."""
+        default_hardware: HardwareOpt = None, max_request_failure_rate: FailureRateOpt = 0.05,
+        exclude_overloaded: OverloadOpt = False) -> None:
+    """Fit a model on CORPUS, publish a release to STORE, print the release URL (last line).
+    With journey/API traces, the alphas are fit too and request-level accuracy reported."""
     with _user_errors(), _stdout_to_stderr():
-        url = _fit(corpus, store, family, base, default_hardware)
+        settings = request_level.RequestSettings(
+            max_request_failure_rate=max_request_failure_rate,
+            exclude_overloaded=exclude_overloaded)
+        url = _fit(corpus, store, family, base, default_hardware, settings)
     typer.echo(url)
 
 
 def _fit(corpus: str, store: str, family: str, base: str | None,
-         default_hardware: str | None) -> str:
+         default_hardware: str | None,
+         settings: request_level.RequestSettings | None = None) -> str:
     corpus_opts, store_opts = storage_options_for(corpus), storage_options_for(store)
     base_release: Release | None = None
     if base:
@@ -266,22 +280,31 @@ def _fit(corpus: str, store: str, family: str, base: str | None,
     with err.status("discovering experiments"):
         experiments = pipeline.load_experiments(corpus, corpus_opts, default_hardware)
     err.print(f"{len(experiments)} experiment(s) under {redact(corpus)}", markup=False)
-    items = _featurize_all(experiments, corpus_opts)
-    _warn_ingest(items)
+    everything = _featurize_all(experiments, corpus_opts, settings)
+    _warn_ingest(everything)
+    items, excluded = pipeline.split_overloaded(everything, settings)
+    for name, why in excluded.items():
+        err.print(f"warning: {name} excluded from training: {why}", markup=False)
     frame = pipeline.training_frame(items)
     with err.status(f"fitting {family} on {len(frame)} steps"):
         model = pipeline.fit_model(frame, family,
                                    base=base_release.model if base_release else None)
     with err.status("evaluating (in-sample, temporal holdout, leave-one-out)"):
         evaluation = pipeline.evaluate(frame, model, family)
+    with err.status("request level: alphas, TTFT / ITL / E2E"):
+        stage = request_level.request_stage(
+            pipeline.request_items(items), model, family, settings, excluded,
+            pipeline.request_items(everything))
     with err.status("building and publishing the release"):
-        files = build_release(model, frame, experiments, [i.report for i in items], corpus,
-                              evaluation, family,
+        files = build_release(model, frame, [i.experiment for i in items],
+                              [i.report for i in everything], corpus,
+                              {**evaluation, **stage.evaluation}, family,
                               base_version=base_release.version if base_release else None,
-                              options=corpus_opts)
+                              options=corpus_opts, **stage.release_kwargs)
         url = publish(files, store, release_version(files), store_opts)
     manifest = json.loads(files["manifest.json"])
     err.print(_accuracy_table(manifest, f"release {manifest['version']} ({family})"))
+    _print_request_level(manifest)
     return url
 
 
@@ -337,18 +360,23 @@ def calibrate(corpus: CorpusArg, store: StoreOpt, family: FamilyOpt = DEFAULT_FA
               default_hardware: HardwareOpt = None,
               base: Annotated[str | None, typer.Option(
                   "--base", help="Release to calibrate on the corpus instead of fitting afresh.")]
-              = None) -> None:
+              = None, max_request_failure_rate: FailureRateOpt = 0.05,
+              exclude_overloaded: OverloadOpt = False) -> None:
     """Run the Prefect calibration flow (Ray fan-out); print the release URL (last line)."""
     with _user_errors(), _stdout_to_stderr():
         try:
             from flows.calibrate import run_calibration as calibrate_flow
         except ImportError as exc:
             raise BlisModelError(f"the calibrate flow is not available: {exc}") from None
-        extra = {"base": base} if base else {}
+        extra: dict[str, Any] = {"base": base} if base else {}
+        if max_request_failure_rate != 0.05 or exclude_overloaded:
+            extra.update(max_request_failure_rate=max_request_failure_rate,
+                         exclude_overloaded=exclude_overloaded)
         url = calibrate_flow(corpus=corpus, store=store, family=family, ray_address=ray_address,
                              default_hardware=default_hardware, **extra)
         manifest = read_manifest(str(url), storage_options_for(str(url)))
         err.print(_accuracy_table(manifest, f"release {manifest['version']} ({family})"))
+        _print_request_level(manifest)
     typer.echo(str(url))
 
 
@@ -358,9 +386,13 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON out
 @releases_app.command("list")
 def releases_list(store: Annotated[str, typer.Argument(help="Release store (path or URL).")],
                   as_json: JsonOpt = False) -> None:
-    """List the committed releases of STORE, oldest first."""
+    """List the committed releases of STORE, oldest first, and the channels on each."""
     with _user_errors():
-        rows = list_releases(store, storage_options_for(store))
+        options = storage_options_for(store)
+        rows = list_releases(store, options)
+        pointers = list_channels(store, options)
+    for r in rows:
+        r["channels"] = sorted(n for n, p in pointers.items() if p.version == r["version"])
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -369,14 +401,18 @@ def releases_list(store: Annotated[str, typer.Argument(help="Release store (path
         return
     table = Table()
     for col in ("version", "created_at", "family", "experiments", "steps", "temporal MAPE %",
-                "LOO MAPE %", "BLIS proj. MAPE %", "url"):
+                "LOO MAPE %", "BLIS proj. MAPE %", "url", "channels"):
         table.add_column(col, justify="right" if "MAPE" in col or col in ("experiments", "steps")
                          else "left", no_wrap=True)
     for r in rows:
         table.add_row(str(r["version"]), str(r["created_at"]), str(r["family"]),
                       _fmt(r["experiments"]), _fmt(r["steps"]), _fmt(r["temporal_mape"]),
-                      _fmt(r["loo_mape"]), _fmt(r["blis_projection_mape"]), str(r["url"]))
+                      _fmt(r["loo_mape"]), _fmt(r["blis_projection_mape"]), str(r["url"]),
+                      ", ".join(r["channels"]))
     _stdout_console().print(table)
+    for name, p in sorted(pointers.items()):
+        err.print(f"{name} → {p.version} (set {p.updated_at} by {p.by}"
+                  + (f": {p.reason}" if p.reason else "") + ")", markup=False)
 
 
 @releases_app.command("show")
@@ -410,6 +446,276 @@ def releases_show(release: Annotated[str, typer.Argument(help="Release URL.")],
     for line in lines:
         console.print(line, markup=False)
     console.print(_accuracy_table(manifest, "accuracy"))
+
+
+
+StoreArg = Annotated[str, typer.Argument(help="Release store (path or URL).")]
+ChannelOpt = Annotated[str, typer.Option("--channel", help="Channel to move (candidate, stable).")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (recorded in the history).")]
+ByOpt = Annotated[str | None, typer.Option(
+    "--by", help="Who is moving the channel (default: user@host).")]
+
+
+def _pointer_line(p: Pointer) -> str:
+    was = f" (was {p.previous})" if p.previous else ""
+    return f"{p.channel} → {p.version}{was}"
+
+
+def _gate_table(gate: dict[str, Any]) -> Table:
+    """The gate's verdict: MAPE % of candidate and baseline per golden experiment and
+    metric, then pooled (step only for the step gate; TTFT/ITL/E2E too with journeys)."""
+    corpus = gate.get("corpus") or "the golden corpus"
+    table = Table(title=f"golden gate on {corpus}: {gate.get('steps')} steps (tolerance "
+                        f"{gate['tolerance_pp']:g} pp)", title_justify="left")
+    for col in ("experiment", "metric", "n", f"{gate['candidate']} MAPE %",
+                f"{gate['baseline'] or 'no baseline'} MAPE %"):
+        table.add_column(col, justify="left" if col in ("experiment", "metric") else "right")
+    for name, row in (gate.get("per_experiment") or {}).items():
+        metrics = row if isinstance(row.get("step"), dict) else {"step": row}
+        for metric, r in metrics.items():
+            table.add_row(name, metric, _fmt(r.get("n", r.get("steps"))), _fmt(r["candidate"]),
+                          _fmt(r["baseline"]))
+    pooled = gate.get("metrics") or {"step": {"n": gate.get("steps"),
+                                              "candidate": gate.get("candidate_mape"),
+                                              "baseline": gate.get("baseline_mape")}}
+    for metric, r in pooled.items():
+        table.add_row("all", metric, _fmt(r.get("n")), _fmt(r.get("candidate")),
+                      _fmt(r.get("baseline")), style="bold")
+    return table
+
+
+@releases_app.command("promote")
+def releases_promote(store: StoreArg,
+                     version: Annotated[str, typer.Argument(help="Release version to promote.")],
+                     channel: ChannelOpt = "stable", reason: ReasonOpt = "", by: ByOpt = None,
+                     golden: Annotated[str | None, typer.Option(
+                         "--golden", help="Golden corpus: refuse a release whose step MAPE on "
+                                          "it is worse than the channel's current release's.")]
+                     = None,
+                     tolerance: Annotated[float, typer.Option(
+                         "--tolerance", help="Gate tolerance, percentage points of MAPE.")]
+                     = channels.DEFAULT_TOLERANCE_PP,
+                     default_hardware: HardwareOpt = None, as_json: JsonOpt = False) -> None:
+    """Move CHANNEL of STORE to VERSION (after the golden gate); print the new pointer."""
+    with _user_errors(), _stdout_to_stderr():
+        options = storage_options_for(store)
+        gate = None
+        if golden:
+            with err.status("featurizing the golden corpus"):
+                gate = channels.load_gate(golden, storage_options_for(golden),
+                                          default_hardware, tolerance)
+        try:
+            pointer = channels.promote(store, version, channel, by=by, reason=reason,
+                                       gate=gate, options=options)
+        except channels.GateRefused as exc:
+            err.print(_gate_table(exc.result.to_dict()))
+            raise
+        if pointer.gate:
+            err.print(_gate_table(pointer.gate))
+    typer.echo(json.dumps(pointer.to_dict(), indent=2) if as_json else _pointer_line(pointer))
+
+
+@releases_app.command("rollback")
+def releases_rollback(store: StoreArg, channel: ChannelOpt = "stable", reason: ReasonOpt = "",
+                      by: ByOpt = None, as_json: JsonOpt = False) -> None:
+    """Point CHANNEL of STORE back at its previous version; print the new pointer."""
+    with _user_errors():
+        pointer = channels.rollback(store, channel, by=by, reason=reason,
+                                    options=storage_options_for(store))
+    typer.echo(json.dumps(pointer.to_dict(), indent=2) if as_json else _pointer_line(pointer))
+
+
+@releases_app.command("history")
+def releases_history(store: StoreArg, channel: ChannelOpt = "stable",
+                     as_json: JsonOpt = False) -> None:
+    """Every move of CHANNEL, oldest first: when, who, what, why."""
+    with _user_errors():
+        events = channels.history(store, channel, storage_options_for(store))
+    if as_json:
+        typer.echo(json.dumps([e.to_dict() for e in events], indent=2))
+        return
+    table = Table()
+    for col in ("seq", "updated_at", "action", "version", "previous", "by", "gate", "reason"):
+        table.add_column(col, no_wrap=col not in ("by", "reason", "gate"))
+    for e in events:
+        gate = (f"{_fmt(e.gate.get('candidate_mape'))}% vs {_fmt(e.gate.get('baseline_mape'))}%"
+                if e.gate else "–")
+        table.add_row(str(e.seq), e.updated_at, e.action, e.version, e.previous or "–", e.by,
+                      gate, e.reason)
+    _stdout_console().print(table)
+
+
+@releases_app.command("diff")
+def releases_diff(release_a: Annotated[str, typer.Argument(help="Release URL (before).")],
+                  release_b: Annotated[str, typer.Argument(help="Release URL (after).")],
+                  as_json: JsonOpt = False) -> None:
+    """Coefficient and metric changes from RELEASE_A to RELEASE_B."""
+    with _user_errors():
+        diff = diff_releases(release_a, release_b, storage_options_for(release_a),
+                             storage_options_for(release_b))
+    if as_json:
+        typer.echo(json.dumps(diff, indent=2))
+        return
+    console = _stdout_console()
+    a, b = diff["a"], diff["b"]
+    console.print(f"A {a['version']} ({a['family']}, {a['experiments']} experiments, "
+                  f"{a['steps']} steps)\nB {b['version']} ({b['family']}, {b['experiments']} "
+                  f"experiments, {b['steps']} steps)", markup=False)
+    for key, title in (("metrics", "metric changes (MAPE in %)"),
+                       ("coefficients", "coefficient changes")):
+        table = Table(title=title, title_justify="left")
+        for col in ("name", "A", "B", "change", "change %"):
+            table.add_column(col, justify="left" if col == "name" else "right")
+        for row in diff[key]:
+            table.add_row(row["name"], _fmt(row["a"], 4), _fmt(row["b"], 4),
+                          _fmt(row["change"], 4), _fmt(row["change_pct"], 1))
+        if not diff[key]:
+            table.add_row("(no change)", "", "", "", "")
+        console.print(table)
+
+
+# ------------------------------------------------------- request level, synth and gate
+
+
+def _print_request_level(manifest: dict[str, Any]) -> None:
+    """Alphas and TTFT / ITL / E2E accuracy of a release, on stderr (when it has them)."""
+    block = manifest.get("request_level") or {}
+    results = ((manifest.get("metrics") or {}).get("request_level")) or {}
+    blis = manifest.get("blis") or {}
+    alphas = ", ".join(f"{a:.6g}" for a in blis.get("alpha_coeffs", []))
+    err.print(f"BLIS alphas {alphas} ({blis.get('alpha_source', '')})", markup=False)
+    for name, why in (block.get("excluded") or {}).items():
+        err.print(f"excluded from training: {name}: {why}", markup=False)
+    if not results:
+        return
+    table = Table(title="request level (teacher-forced MAPE %)", title_justify="left")
+    for col in ("experiment", "requests", "TTFT", "ITL", "E2E", "temporal TTFT",
+                "temporal ITL", "temporal E2E"):
+        table.add_column(col, justify="left" if col == "experiment" else "right")
+    in_sample, temporal = results.get("in_sample") or {}, results.get("temporal_holdout") or {}
+    for name in sorted(set(in_sample) | set(temporal)):
+        r, t = in_sample.get(name) or {}, temporal.get(name) or {}
+        table.add_row(name, _fmt((r.get("ttft") or {}).get("n")),
+                      *(_fmt((r.get(m) or {}).get("mape")) for m in ("ttft", "itl", "e2e")),
+                      *(_fmt((t.get(m) or {}).get("mape")) for m in ("ttft", "itl", "e2e")))
+    s = results.get("summary") or {}
+    table.add_row("mean", _fmt(s.get("requests")),
+                  *(_fmt(s.get(f"{m}_mape")) for m in ("ttft", "itl", "e2e")),
+                  *(_fmt(s.get(f"temporal_{m}_mape")) for m in ("ttft", "itl", "e2e")),
+                  style="bold")
+    err.print(table)
+
+
+def _synth_configs(n: int, seed: int, num_requests: int) -> dict[str, Any]:
+    """``n`` experiments: the demo corpus's configurations, repeated with other seeds."""
+    import dataclasses
+
+    from blis_model.synth import demo_configs
+
+    base = demo_configs(seed=seed, num_requests=num_requests)
+    names = list(base)
+    out = {}
+    for i in range(n):
+        name, cfg = names[i % len(names)], base[names[i % len(names)]]
+        rep = i // len(names)
+        out[name if rep == 0 else f"{name}-r{rep}"] = (
+            cfg if rep == 0 else dataclasses.replace(cfg, seed=cfg.seed + 100 * rep))
+    return out
+
+
+@app.command()
+def synth(out_dir: Annotated[str, typer.Argument(help="Corpus folder or URL to write.")],
+          experiments: Annotated[int, typer.Option(
+              "--experiments", min=1, help="Experiments to write (the demo configurations, "
+                                            "cycled with new seeds).")] = 3,
+          seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+          requests: Annotated[int, typer.Option(
+              "--requests", min=1, help="Requests per experiment.")] = 300,
+          gzip: Annotated[bool, typer.Option("--gzip/--no-gzip",
+                                             help="Write traces.json.gz.")] = True,
+          snapshots: Annotated[bool | None, typer.Option(
+              "--snapshots/--no-snapshots",
+              help="Force REQUEST_SNAPSHOT events on/off (default: per configuration).")]
+          = None,
+          sample_every: Annotated[int | None, typer.Option(
+              "--sample-every", min=1,
+              help="Trace 1 step in K (default: per configuration).")] = None) -> None:
+    """Write a synthetic multi-configuration corpus with step, journey and API traces (known
+    ground truth) to OUT_DIR; print OUT_DIR (last line)."""
+    import dataclasses
+
+    from blis_model.synth import write_corpus
+
+    with _user_errors(), _stdout_to_stderr():
+        configs = {}
+        for name, cfg in _synth_configs(experiments, seed, requests).items():
+            changes: dict[str, Any] = {"gzip": gzip}
+            if snapshots is not None:
+                changes["snapshots"] = snapshots
+            if sample_every is not None:
+                changes["sample_every"] = sample_every
+            configs[name] = dataclasses.replace(cfg, **changes)
+        with err.status(f"simulating {len(configs)} experiment(s)"):
+            truths = write_corpus(out_dir, configs, storage_options_for(out_dir))
+        table = Table(title=f"synthetic corpus {redact(out_dir)}", title_justify="left")
+        for col in ("experiment", "model", "mnbt", "requests", "steps", "traced", "snapshots"):
+            table.add_column(col, justify="left" if col in ("experiment", "model") else "right")
+        for name, truth in sorted(truths.items()):
+            cfg = truth.config
+            traced = int(sum(truth.steps.column("traced").to_pylist()))
+            table.add_row(name, cfg.model, str(cfg.max_num_batched_tokens),
+                          str(cfg.num_requests), str(truth.steps.num_rows), str(traced),
+                          "yes" if cfg.snapshots else "no")
+        err.print(table)
+    typer.echo(out_dir)
+
+
+def _gate_metrics_table(result: dict[str, Any]) -> Table:
+    table = Table(title=f"gate: candidate {result['candidate']} vs baseline "
+                        f"{result['baseline'] or '(none)'} on {result['corpus']}: "
+                        f"{result['steps']} steps, {result['requests']} requests (tolerance "
+                        f"{result['tolerance_pp']:g} pp)", title_justify="left")
+    for col in ("experiment", "metric", "n", "candidate MAPE %", "baseline MAPE %"):
+        table.add_column(col, justify="left" if col in ("experiment", "metric") else "right")
+    for name, rows in result["per_experiment"].items():
+        for metric, r in rows.items():
+            table.add_row(name, metric, _fmt(r["n"]), _fmt(r["candidate"]), _fmt(r["baseline"]))
+    for metric, r in result["metrics"].items():
+        table.add_row("all", metric, _fmt(r["n"]), _fmt(r["candidate"]), _fmt(r["baseline"]),
+                      style="bold")
+    return table
+
+
+@app.command()
+def gate(candidate: Annotated[str, typer.Argument(help="Candidate release URL.")],
+         golden: Annotated[str, typer.Option("--golden", help="Golden corpus (path or URL).")],
+         baseline: Annotated[str | None, typer.Option(
+             "--baseline", help="Release to compare against (URL); without it only the "
+                                "candidate's own predictions are checked.")] = None,
+         tolerance: Annotated[float, typer.Option(
+             "--tolerance", min=0.0, help="Allowed MAPE regression, percentage points.")]
+         = 1.0,
+         default_hardware: HardwareOpt = None, as_json: JsonOpt = False) -> None:
+    """Compare CANDIDATE with the baseline on a golden corpus: step MAPE and, with journey
+    traces, TTFT / ITL / E2E MAPE. Exit 1 with the reasons when the candidate is worse by
+    more than the tolerance; print PASS (or --json) otherwise."""
+    from blis_model.gate import compare_releases, load_golden
+
+    with _user_errors(), _stdout_to_stderr():
+        cand = _load_release(candidate)
+        base = _load_release(baseline) if baseline else None
+        with err.status("featurizing the golden corpus"):
+            golden_set = load_golden(golden, storage_options_for(golden), default_hardware)
+        result = compare_releases(cand, base, golden_set, tolerance)
+        err.print(_gate_metrics_table(result.to_dict()))
+        if not result.passed:
+            raise ReleaseError("gate refused " + cand.version + ": " + "; ".join(result.reasons))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        typer.echo(f"PASS {result.candidate}"
+                   + (f" vs {result.baseline}" if result.baseline else "")
+                   + f" ({', '.join(result.compared) or 'sanity checks only'})")
 
 
 def main() -> None:  # pragma: no cover - console entry alias

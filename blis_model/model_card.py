@@ -256,6 +256,55 @@ def _section_problems(m: Mapping[str, Any]) -> list[str]:
     return [*out, ""]
 
 
+REQUEST_EVALUATIONS = (
+    ("in_sample", "In-sample (release model + pooled alphas, every request)"),
+    ("temporal_holdout", "Temporal holdout (model and alphas fit before each experiment's "
+                         "70% step, scored on the requests scheduled after it)"),
+)
+
+
+def _section_requests(m: Mapping[str, Any]) -> list[str]:
+    """Request-level data, fitted alphas and TTFT / ITL / E2E accuracy (when the corpus
+    has journey + API traces)."""
+    block = m.get("request_level") or {}
+    metrics = (m.get("metrics") or {}).get("request_level") or {}
+    if not block and not metrics:
+        return []
+    out = ["## Request level (journey + API traces)", ""]
+    alphas = block.get("alphas") or {}
+    if alphas.get("fit"):
+        rows = [["pooled (defaults.yaml)", _coef(alphas["pooled"]["alpha0_us"]),
+                 _coef(alphas["pooled"]["alpha1_us"]), _coef(alphas["pooled"]["alpha2_us"]),
+                 alphas["pooled"]["n_pre_queue"]]]
+        rows += [[f"`{k}`", _coef(a["alpha0_us"]), _coef(a["alpha1_us"]), _coef(a["alpha2_us"]),
+                  a["n_pre_queue"]] for k, a in sorted((alphas.get("per_config") or {}).items())]
+        out += [f"Alphas: {alphas.get('source', '')}.", "",
+                *_table(["set", "α0 queueing µs", "α1 post-decode µs", "α2 µs/output token",
+                         "requests"], rows), ""]
+    exps = block.get("experiments") or {}
+    if exps:
+        rows = [[name, r["validation"]["n_requests"], r["validation"]["n_failed"],
+                 ", ".join(f"{k}={v}" for k, v in r["validation"]["reasons"].items()) or "–",
+                 r.get("steps_reconstructed", 0), _num(r["overload"].get("wait_growth")),
+                 "yes" if r.get("overloaded") else "no"] for name, r in sorted(exps.items())]
+        out += [*_table(["experiment", "requests", "failed validation", "reasons",
+                         "steps rebuilt from journeys", "queue wait growth", "overloaded"],
+                        rows), ""]
+    for name, why in sorted((block.get("excluded") or {}).items()):
+        out.append(f"- `{name}` excluded from training: {why}")
+    if block.get("excluded"):
+        out.append("")
+    for key, title in REQUEST_EVALUATIONS:
+        results = metrics.get(key) or {}
+        if not results:
+            continue
+        rows = [[name, *(_num((r.get(x) or {}).get("mape")) for x in ("ttft", "itl", "e2e")),
+                 _num((r.get("ttft") or {}).get("n"))] for name, r in sorted(results.items())]
+        out += [f"### {title}", "", "MAPE (%) per experiment:", "",
+                *_table(["experiment", "TTFT", "ITL", "E2E", "requests"], rows), ""]
+    return out
+
+
 def render(manifest: Mapping[str, Any], coefficients: Mapping[str, Any]) -> str:
     """The model card markdown of a release."""
     lines = [f"# BLIS step-time model — release {manifest.get('version')}", "",
@@ -265,5 +314,6 @@ def render(manifest: Mapping[str, Any], coefficients: Mapping[str, Any]) -> str:
     lines += _section_accuracy(manifest.get("metrics") or {})
     lines += _section_coefficients(manifest, coefficients)
     lines += _section_blis(manifest, coefficients)
+    lines += _section_requests(manifest)
     lines += _section_problems(manifest)
     return "\n".join(lines).rstrip() + "\n"

@@ -24,17 +24,21 @@ from blis_model.ingest.reader import IngestReport, read_step_table
 from blis_model.metrics import per_experiment, summary
 from blis_model.models.base import StepTimeModel
 from blis_model.models.registry import DEFAULT_FAMILY, make_model
+from blis_model.request_accuracy import RequestData
+from blis_model.request_level import RequestSettings, load_requests, overload
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Featurized:
-    """One experiment's feature frame and what its ingestion saw."""
+    """One experiment's feature frame and what its ingestion saw. ``requests``: its
+    request data (journey/API traces; None for step-only traces)."""
 
     experiment: Experiment
     frame: pd.DataFrame
     report: IngestReport
+    requests: RequestData | None = None
 
 
 def load_experiments(corpus_url: str, options: dict | None = None,
@@ -57,10 +61,43 @@ def experiment_names(corpus_url: str, options: dict | None = None) -> list[str]:
     return names
 
 
-def featurize(experiment: Experiment, options: dict | None = None) -> Featurized:
-    """Stream the experiment's traces into its feature frame."""
+def featurize(experiment: Experiment, options: dict | None = None,
+              settings: RequestSettings | None = None) -> Featurized:
+    """Stream the experiment's traces into its feature frame. When the traces hold
+    journey/API spans, also read and validate the request table (CorpusError above
+    ``settings.max_request_failure_rate``) and fill summary-only step compositions by
+    journey reconstruction (``request_level.load_requests``)."""
     table, report = read_step_table(experiment, options)
-    return Featurized(experiment, feature_frame(experiment, table), report)
+    data = load_requests(experiment, table, options, settings)
+    if data is not None:
+        table = data.steps
+    return Featurized(experiment, feature_frame(experiment, table), report, data)
+
+
+def split_overloaded(items: Sequence[Featurized], settings: RequestSettings | None = None
+                     ) -> tuple[list[Featurized], dict[str, str]]:
+    """(kept, excluded name → reason): with ``settings.exclude_overloaded``, experiments
+    whose request data show a growing queue are left out of training."""
+    settings = settings or RequestSettings()
+    kept, excluded = [], {}
+    for item in items:
+        if settings.exclude_overloaded and item.requests is not None:
+            ind, over = overload(item.requests, settings)
+            if over:
+                excluded[item.experiment.name] = (
+                    f"overloaded: queue wait grows {ind['wait_growth']:.1f}x over the run "
+                    f"(median {ind['wait_median_ms']:.0f} ms)")
+                continue
+        kept.append(item)
+    if not kept:
+        raise CorpusError("every experiment was excluded as overloaded: "
+                          + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
+    return kept, excluded
+
+
+def request_items(items: Sequence[Featurized]) -> list[RequestData]:
+    """The request data of the experiments that have some."""
+    return [i.requests for i in items if i.requests is not None]
 
 
 def corpus_fingerprint(experiments: Sequence[Experiment]) -> str:

@@ -21,7 +21,8 @@ A release is a folder (see ``release_store`` for where it lives) holding:
 
 The BLIS betas are the best projection of the release onto BLIS's 11-term basis:
 non-negative least squares on relative error of the basis columns onto the MODEL's
-predictions. The alphas are BLIS's shipped defaults until request-level traces are parsed.
+predictions. The alphas are fit on the corpus's request-level (journey + API) traces when
+it has some (``request_level``), else BLIS's shipped defaults.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ BLIS_SHIPPED_BETAS: tuple[float, ...] = (
     0.0, 1.94710771, 0.752037,
 )
 ALPHA_UNITS: tuple[str, ...] = ("µs", "µs", "µs/output token")
-ALPHA_SOURCE = ("BLIS shipped defaults (iter29), NOT fit: request-level (journey/API) traces "
-                "are not parsed yet")
+ALPHA_SOURCE = ("BLIS shipped defaults (iter29), NOT fit: the corpus has no request-level "
+                "(journey + API) traces")
 BETA_SOURCE = ("non-negative relative-error least squares of BLIS's trained-physics basis onto "
                "this release's model predictions (the model's best projection onto BLIS)")
 MAX_PROBLEMS = 5  # problems listed per experiment in the manifest
@@ -286,15 +287,18 @@ def build_release(model: StepTimeModel, frame: pd.DataFrame, experiments: Sequen
                   reports: Sequence[Any], corpus_url: str, evaluation: Mapping[str, Any],
                   family: str, base_version: str | None = None, *, version: str | None = None,
                   options: dict | None = None, created_at: dt.datetime | None = None,
-                  alphas: Sequence[float] | None = None, alpha_source: str | None = None
-                  ) -> dict[str, bytes]:
+                  alphas: Sequence[float] | None = None, alpha_source: str | None = None,
+                  request_level: Mapping[str, Any] | None = None) -> dict[str, bytes]:
     """Every file of a release (relative path → bytes); see the module docstring.
 
     ``reports`` are the experiments' ``IngestReport`` (or their ``to_dict()``);
     ``evaluation`` is ``pipeline.evaluate``'s result; ``options`` are the corpus storage
     options (to read the models' config.json). The version id is generated unless given.
     ``alphas`` (BLIS order: α0 µs, α1 µs, α2 µs/output token) replace BLIS's shipped
-    defaults when request-level traces were fit; ``alpha_source`` says how.
+    defaults when request-level traces were fit; ``alpha_source`` says how (or why not).
+    ``request_level`` (``request_level.release_block``: alpha fits pooled and per
+    configuration, request validation per experiment) goes to the manifest, its alphas
+    to coefficients.json too.
     """
     created = (created_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).replace(microsecond=0)
     version = version or new_version(created)
@@ -302,13 +306,18 @@ def build_release(model: StepTimeModel, frame: pd.DataFrame, experiments: Sequen
     if alphas is not None:
         projection = replace(projection, alphas=tuple(float(a) for a in alphas),
                              alpha_source=alpha_source or "fit on request-level traces")
+    elif alpha_source:
+        projection = replace(projection, alpha_source=alpha_source)
     features = _feature_names(model)
     steps = frame.groupby("experiment").size().to_dict() if len(frame) else {}
 
     files: dict[str, bytes] = {}
     model_dict = model.to_dict()
     files[COEFFICIENTS] = dumps_json({"version": version, "family": family, "model": model_dict,
-                                      "blis_projection": projection.coefficient_block()})
+                                      "blis_projection": projection.coefficient_block(),
+                                      **({"request_alphas": request_level["alphas"]}
+                                         if request_level and "alphas" in request_level
+                                         else {})})
     files[DEFAULTS] = defaults_yaml(projection, _deployment_defaults(experiments, frame),
                                     version)
     gpus = {e.hardware.name: e.hardware.to_blis() for e in experiments}
@@ -348,6 +357,7 @@ def build_release(model: StepTimeModel, frame: pd.DataFrame, experiments: Sequen
                          "steps": int(steps.get(e.name, 0))}
                         for e in sorted(experiments, key=lambda e: e.name)],
         "ingest": {r["experiment"]: r for r in (_report_dict(x) for x in reports)},
+        **({"request_level": dict(request_level)} if request_level else {}),
         "files": {},
     }
     from blis_model.model_card import render  # local: model_card imports this module

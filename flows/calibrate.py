@@ -12,7 +12,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, unmapped
 from prefect.context import get_run_context
 
+from blis_model import pipeline
 from blis_model.models.registry import DEFAULT_FAMILY
+from blis_model.request_level import RequestSettings
 from blis_model.storage import redact
 from flows.runtime import (
     is_loopback,
@@ -20,18 +22,27 @@ from flows.runtime import (
     ray_task_runner,
     set_prefect_server_env,
 )
-from tasks.evaluate import accuracy_report, loo_fold, temporal_holdout
+from tasks.evaluate import accuracy_report, loo_fold, request_level_report, temporal_holdout
 from tasks.fit import fit_global, fit_specialist, has_specialists, load_base, merge_specialists
 from tasks.frame import training_frame
-from tasks.ingest import check_store, discover, featurize
+from tasks.ingest import check_store, discover, featurize, select_training
 from tasks.release import publish_release
 
 
 @flow(name="calibrate-corpus")
 def calibrate_corpus(corpus: str, store: str, family: str = DEFAULT_FAMILY,
-                     default_hardware: str | None = None, base: str | None = None) -> str:
+                     default_hardware: str | None = None, base: str | None = None,
+                     max_request_failure_rate: float | None = 0.05,
+                     exclude_overloaded: bool = False) -> str:
     """discover → featurize (one task per experiment) → fit (global, then one specialist per
-    configuration) → evaluate (one task per leave-one-out fold) → release. Returns its URL."""
+    configuration) → evaluate (one task per leave-one-out fold; request level: alphas and
+    TTFT / ITL / E2E) → release. Returns its URL.
+
+    Experiments with journey/API traces are validated (CorpusError when more than
+    ``max_request_failure_rate`` of an experiment's requests fail) and, with
+    ``exclude_overloaded``, left out of training when their queue keeps growing."""
+    settings = RequestSettings(max_request_failure_rate=max_request_failure_rate,
+                               exclude_overloaded=exclude_overloaded)
     check_store(store)
     base_release = load_base(base) if base else None
     family = base_release.family if base_release else family
@@ -39,10 +50,12 @@ def calibrate_corpus(corpus: str, store: str, family: str = DEFAULT_FAMILY,
 
     # Discover the experiments and featurize each one on its own worker.
     names = discover(corpus)
-    featurized = featurize.map(unmapped(corpus), names, unmapped(default_hardware))
-    items = [f.result() for f in featurized]  # raises the first experiment's error
+    featurized = featurize.map(unmapped(corpus), names, unmapped(default_hardware),
+                               unmapped(settings))
+    everything = [f.result() for f in featurized]  # raises the first experiment's error
+    items, excluded = select_training(everything, settings)
     usable = [i for i in items if len(i.frame)]
-    frame = training_frame.submit(featurized)
+    frame = training_frame.submit(items)
 
     # Fit: the global model, then each configuration's specialist in parallel.
     model = fit_global.submit(frame, family, base_release.model if base_release else None)
@@ -56,17 +69,22 @@ def calibrate_corpus(corpus: str, store: str, family: str = DEFAULT_FAMILY,
              for i in usable}
     temporal = temporal_holdout.submit(frame, family)
     evaluation = accuracy_report.submit(frame, model, family, folds, temporal)
+    requests = request_level_report.submit(
+        pipeline.request_items(items), model, family, settings, excluded,
+        pipeline.request_items(everything))
 
     # Release: build the files and publish them, all or nothing.
     return publish_release.submit(
-        model, frame, [i.experiment for i in items], [i.report for i in items], corpus, store,
-        evaluation, family, base_release.version if base_release else None).result()
+        model, frame, [i.experiment for i in items], [i.report for i in everything], corpus,
+        store, evaluation, family, base_release.version if base_release else None,
+        requests).result()
 
 
 @flow(name="calibrate")
 def calibrate(corpus: str, store: str, family: str = DEFAULT_FAMILY,
               ray_address: str | None = None, default_hardware: str | None = None,
-              base: str | None = None) -> str:
+              base: str | None = None, max_request_failure_rate: float | None = 0.05,
+              exclude_overloaded: bool = False) -> str:
     """Calibrate on the traces under ``corpus`` and publish a release to ``store``; return
     the release URL. Tasks run on a local Ray, or on the cluster at ``ray_address``.
     ``base`` (a release URL) is calibrated on the corpus instead of fitting afresh."""
@@ -76,15 +94,19 @@ def calibrate(corpus: str, store: str, family: str = DEFAULT_FAMILY,
             "the Ray cluster's workers cannot reach this machine's Prefect API %s: set "
             "PREFECT_API_URL to a Prefect server they can reach", redact(api_url))
     recipe = calibrate_corpus.with_options(task_runner=ray_task_runner(api_url, ray_address))
-    return recipe(corpus, store, family, default_hardware, base)
+    return recipe(corpus, store, family, default_hardware, base, max_request_failure_rate,
+                  exclude_overloaded)
 
 
 def run_calibration(corpus: str, store: str, family: str = DEFAULT_FAMILY,
                     ray_address: str | None = None, default_hardware: str | None = None,
-                    base: str | None = None) -> str:
+                    base: str | None = None, max_request_failure_rate: float | None = 0.05,
+                    exclude_overloaded: bool = False) -> str:
     """Run :func:`calibrate` in this process (Prefect's temporary server unless
     ``PREFECT_API_URL`` is set) and return the release URL; raises the run's error."""
     set_prefect_server_env()
     quiet_domain_tracebacks()
     return calibrate(corpus=corpus, store=store, family=family, ray_address=ray_address,
-                     default_hardware=default_hardware, base=base)
+                     default_hardware=default_hardware, base=base,
+                     max_request_failure_rate=max_request_failure_rate,
+                     exclude_overloaded=exclude_overloaded)

@@ -8,8 +8,9 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blis_model import pipeline
+from blis_model import pipeline, request_level
 from blis_model.models.base import StepTimeModel
+from blis_model.request_accuracy import RequestData
 
 
 @task(name="loo-fold", task_run_name="loo-fold {name}", cache_policy=NO_CACHE)
@@ -42,3 +43,27 @@ def accuracy_report(frame: pd.DataFrame, model: StepTimeModel, family: str,
                           "holdout %.1f%%, leave-one-experiment-out %.1f%%", family,
                           s["in_sample_mape"], s["temporal_mape"], s["loo_mape"])
     return evaluation
+
+
+@task(name="request-level", cache_policy=NO_CACHE)
+def request_level_report(data: list[RequestData], model: StepTimeModel, family: str,
+                         settings: request_level.RequestSettings,
+                         excluded: dict[str, str], reported: list[RequestData]
+                         ) -> request_level.RequestStage:
+    """Alphas (pooled + per configuration) and TTFT / ITL / E2E accuracy of the training
+    experiments' request data; BLIS default alphas when there are none."""
+    stage = request_level.request_stage(data, model, family, settings, excluded, reported)
+    logger = get_run_logger()
+    if stage.alphas.pooled is None:
+        logger.info("alphas: %s", stage.alphas.source)
+    else:
+        a = stage.alphas.pooled
+        logger.info("alphas (%s fit, %d requests): α0 %.1f µs, α1 %.1f µs, α2 %.3f µs/token",
+                    a.method, a.n_pre_queue, a.alpha0_us, a.alpha1_us, a.alpha2_us)
+    s = (stage.evaluation.get("request_level") or {}).get("summary") or {}
+    if s:
+        logger.info("request-level accuracy (mean MAPE over experiments): TTFT %.1f%%, ITL "
+                    "%.1f%%, E2E %.1f%%; temporal holdout TTFT %.1f%%, ITL %.1f%%, E2E %.1f%%",
+                    s["ttft_mape"], s["itl_mape"], s["e2e_mape"], s["temporal_ttft_mape"],
+                    s["temporal_itl_mape"], s["temporal_e2e_mape"])
+    return stage

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from blis_model import pipeline
 from blis_model.experiment import load_experiment
+from blis_model.request_level import RequestSettings
 from blis_model.storage import check_reachable, redact
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
 
@@ -32,14 +35,17 @@ def discover(corpus: str) -> list[str]:
 
 @task(name="featurize", task_run_name="featurize {name}", cache_policy=NO_CACHE,
       retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
-def featurize(corpus: str, name: str, default_hardware: str | None = None
-              ) -> pipeline.Featurized:
-    """Load one experiment's configuration and stream its traces into its feature frame.
+def featurize(corpus: str, name: str, default_hardware: str | None = None,
+              settings: RequestSettings | None = None) -> pipeline.Featurized:
+    """Load one experiment's configuration and stream its traces into its feature frame
+    (with its request data when the traces have journey/API spans).
 
-    A configuration problem (ConfigError naming experiment, file and key) is not retried.
+    A configuration problem (ConfigError naming experiment, file and key) or a request
+    table failing validation (CorpusError) is not retried.
     """
     logger = get_run_logger()
-    item = pipeline.featurize(load_experiment(corpus, name, None, default_hardware))
+    item = pipeline.featurize(load_experiment(corpus, name, None, default_hardware), None,
+                              settings)
     exp, report = item.experiment, item.report
     c = report.counts
     logger.info("%s (%s, %s, TP%d): %d steps kept of %d traced; dropped %d duplicate and %d "
@@ -52,4 +58,20 @@ def featurize(corpus: str, name: str, default_hardware: str | None = None
     if len(report.problems) > MAX_PROBLEMS_LOGGED:
         logger.warning("%s: %d more problem(s), listed in the release manifest", name,
                        len(report.problems) - MAX_PROBLEMS_LOGGED)
+    if item.requests is not None:
+        v = item.requests.validation
+        rebuilt = sum(c == "journey" for c in item.requests.steps.column("composition").to_pylist())
+        logger.info("%s: %d request(s), %d failing validation (%.1f%%); %d traced step(s) "
+                    "rebuilt from journeys", name, v.n_requests, v.n_failed,
+                    100 * v.failure_rate, rebuilt)
     return item
+
+
+@task(name="select-training", cache_policy=NO_CACHE)
+def select_training(items: Sequence[pipeline.Featurized], settings: RequestSettings
+                    ) -> tuple[list[pipeline.Featurized], dict[str, str]]:
+    """(kept, excluded name → reason): overloaded experiments left out when configured."""
+    kept, excluded = pipeline.split_overloaded(items, settings)
+    for name, why in excluded.items():
+        get_run_logger().warning("%s excluded from training: %s", name, why)
+    return kept, excluded

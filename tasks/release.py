@@ -15,6 +15,7 @@ from blis_model.ingest.reader import IngestReport
 from blis_model.models.base import StepTimeModel
 from blis_model.release import MANIFEST, build_release, release_version
 from blis_model.release_store import publish
+from blis_model.request_level import RequestStage
 from blis_model.storage import redact
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
 
@@ -23,12 +24,17 @@ from tasks.policy import RETRIES, RETRY_DELAYS, transient
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
 def publish_release(model: StepTimeModel, frame: pd.DataFrame, experiments: Sequence[Experiment],
                     reports: Sequence[IngestReport], corpus: str, store: str,
-                    evaluation: dict[str, Any], family: str, base_version: str | None = None
-                    ) -> str:
+                    evaluation: dict[str, Any], family: str, base_version: str | None = None,
+                    request: RequestStage | None = None) -> str:
     """Write the release to ``store`` and return its URL. A retry builds a new version; a
-    failed attempt leaves nothing visible."""
+    failed attempt leaves nothing visible. ``request`` adds fitted alphas and
+    request-level metrics."""
+    extra: dict[str, Any] = {}
+    if request is not None:
+        evaluation = {**evaluation, **request.evaluation}
+        extra = request.release_kwargs
     files = build_release(model, frame, experiments, reports, corpus, evaluation, family,
-                          base_version=base_version)
+                          base_version=base_version, **extra)
     version = release_version(files)
     url = publish(files, store, version)
     projection = json.loads(files[MANIFEST])["metrics"]["blis_projection"]["summary"]
