@@ -40,7 +40,7 @@ from blis_model.channels import Pointer, list_channels
 from blis_model.errors import BlisModelError, CorpusError, ReleaseError
 from blis_model.experiment import Experiment
 from blis_model.metrics import per_experiment
-from blis_model.models.registry import DEFAULT_FAMILY, FAMILIES, make_model
+from blis_model.models.registry import AUTO_FAMILY, FAMILIES, make_model
 from blis_model.release import (
     Release,
     build_release,
@@ -51,6 +51,7 @@ from blis_model.release import (
     release_version,
 )
 from blis_model.release_store import diff_releases, list_releases, publish
+from blis_model.selection import compare_families
 from blis_model.storage import (
     StorageError,
     check_reachable,
@@ -237,7 +238,8 @@ def _accuracy_table(manifest: dict[str, Any], title: str) -> Table:
 CorpusArg = Annotated[str, typer.Argument(help="Corpus folder or URL (path, file://, s3://).")]
 StoreOpt = Annotated[str, typer.Option("--store", help="Release store (path or s3:// URL).")]
 FamilyOpt = Annotated[str, typer.Option(
-    "--family", help=f"Model family ({', '.join(sorted(FAMILIES))}).")]
+    "--family", help=f"Model family ({', '.join(sorted(FAMILIES))}) or 'auto': the winner of "
+    "leave-one-experiment-out validation.")]
 HardwareOpt = Annotated[str | None, typer.Option(
     "--default-hardware", help="GPU for experiments whose exp-config.yaml has no 'hardware'.")]
 FailureRateOpt = Annotated[float, typer.Option(
@@ -249,7 +251,7 @@ OverloadOpt = Annotated[bool, typer.Option(
 
 
 @app.command()
-def fit(corpus: CorpusArg, store: StoreOpt, family: FamilyOpt = DEFAULT_FAMILY,
+def fit(corpus: CorpusArg, store: StoreOpt, family: FamilyOpt = AUTO_FAMILY,
         base: Annotated[str | None, typer.Option(
             "--base", help="Release to calibrate on the corpus instead of fitting afresh.")]
         = None,
@@ -274,7 +276,7 @@ def _fit(corpus: str, store: str, family: str, base: str | None,
         base_release = _load_release(base)
         family = base_release.family
         err.print(f"calibrating release {base_release.version} ({family})", markup=False)
-    else:
+    elif family != AUTO_FAMILY:
         make_model(family)  # unknown family: ValueError naming the known ones
     check_reachable(store, store_opts)
     with err.status("discovering experiments"):
@@ -286,11 +288,20 @@ def _fit(corpus: str, store: str, family: str, base: str | None,
     for name, why in excluded.items():
         err.print(f"warning: {name} excluded from training: {why}", markup=False)
     frame = pipeline.training_frame(items)
+    selection = None
+    if family == AUTO_FAMILY:
+        with err.status("choosing the family (leave-one-experiment-out, temporal holdout)"):
+            selection = compare_families(frame)
+        family = selection.winner
+        err.print(f"family {selection.reason}", markup=False)
     with err.status(f"fitting {family} on {len(frame)} steps"):
         model = pipeline.fit_model(frame, family,
                                    base=base_release.model if base_release else None)
     with err.status("evaluating (in-sample, temporal holdout, leave-one-out)"):
-        evaluation = pipeline.evaluate(frame, model, family)
+        loo, temporal = selection.results[family] if selection else (None, None)
+        evaluation = pipeline.evaluate(frame, model, family, loo=loo, temporal=temporal)
+        if selection:
+            evaluation["family_selection"] = selection.to_dict()
     with err.status("request level: alphas, TTFT / ITL / E2E"):
         stage = request_level.request_stage(
             pipeline.request_items(items), model, family, settings, excluded,
@@ -354,7 +365,7 @@ def _predict(release_url: str, corpus: str, out: str, default_hardware: str | No
 
 
 @app.command()
-def calibrate(corpus: CorpusArg, store: StoreOpt, family: FamilyOpt = DEFAULT_FAMILY,
+def calibrate(corpus: CorpusArg, store: StoreOpt, family: FamilyOpt = AUTO_FAMILY,
               ray_address: Annotated[str | None, typer.Option(
                   "--ray-address", help="Ray cluster to join (default: a local Ray).")] = None,
               default_hardware: HardwareOpt = None,

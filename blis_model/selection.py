@@ -40,9 +40,13 @@ class FamilyScore:
 
 @dataclass(frozen=True)
 class Selection:
+    """The chosen family, why, and every family's scores (best first). ``results`` keeps
+    each family's raw (loo, temporal) per-experiment results for the release report."""
+
     winner: str
     reason: str
     scores: tuple[FamilyScore, ...]
+    results: dict[str, tuple[dict, dict]] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"winner": self.winner, "reason": self.reason,
@@ -88,12 +92,18 @@ def choose(scores: Sequence[FamilyScore]) -> Selection:
     return Selection(best.family, reason, tuple(ranked))
 
 
+def candidate_families() -> list[str]:
+    """Every registered family, simplest first."""
+    return [f for f in FAMILY_ORDER if f in FAMILIES] + sorted(set(FAMILIES) - set(FAMILY_ORDER))
+
+
 def compare_families(frame: Any, families: Sequence[str] | None = None) -> Selection:
     """Validate every family on ``frame`` (LOO + temporal, in-process) and choose.
 
     The flow runs the same folds as parallel tasks and calls :func:`score`/:func:`choose`.
     """
-    names = list(families or [f for f in FAMILY_ORDER if f in FAMILIES])
-    scores = [score(f, pipeline.leave_one_experiment_out(frame, f),
-                    pipeline.temporal_holdout(frame, f)) for f in names]
-    return choose(scores)
+    results = {f: (pipeline.leave_one_experiment_out(frame, f),
+                   pipeline.temporal_holdout(frame, f))
+               for f in (families or candidate_families())}
+    selection = choose([score(f, loo, temporal) for f, (loo, temporal) in results.items()])
+    return Selection(selection.winner, selection.reason, selection.scores, results)

@@ -13,8 +13,9 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.context import get_run_context
 
 from blis_model import pipeline
-from blis_model.models.registry import DEFAULT_FAMILY
+from blis_model.models.registry import AUTO_FAMILY
 from blis_model.request_level import RequestSettings
+from blis_model.selection import candidate_families
 from blis_model.storage import redact
 from flows.runtime import (
     is_loopback,
@@ -22,7 +23,13 @@ from flows.runtime import (
     ray_task_runner,
     set_prefect_server_env,
 )
-from tasks.evaluate import accuracy_report, loo_fold, request_level_report, temporal_holdout
+from tasks.evaluate import (
+    accuracy_report,
+    choose_family,
+    loo_fold,
+    request_level_report,
+    temporal_holdout,
+)
 from tasks.fit import fit_global, fit_specialist, has_specialists, load_base, merge_specialists
 from tasks.frame import training_frame
 from tasks.ingest import check_store, discover, featurize, select_training
@@ -30,7 +37,7 @@ from tasks.release import publish_release
 
 
 @flow(name="calibrate-corpus")
-def calibrate_corpus(corpus: str, store: str, family: str = DEFAULT_FAMILY,
+def calibrate_corpus(corpus: str, store: str, family: str = AUTO_FAMILY,
                      default_hardware: str | None = None, base: str | None = None,
                      max_request_failure_rate: float | None = 0.05,
                      exclude_overloaded: bool = False) -> str:
@@ -46,7 +53,8 @@ def calibrate_corpus(corpus: str, store: str, family: str = DEFAULT_FAMILY,
     check_store(store)
     base_release = load_base(base) if base else None
     family = base_release.family if base_release else family
-    specialists_apart = has_specialists(family)  # also: ValueError for an unknown family
+    if family != AUTO_FAMILY:
+        has_specialists(family)  # ValueError for an unknown family, before any work
 
     # Discover the experiments and featurize each one on its own worker.
     names = discover(corpus)
@@ -56,6 +64,18 @@ def calibrate_corpus(corpus: str, store: str, family: str = DEFAULT_FAMILY,
     items, excluded = select_training(everything, settings)
     usable = [i for i in items if len(i.frame)]
     frame = training_frame.submit(items)
+    names = [i.experiment.name for i in usable]
+
+    # Validate: with family "auto", every family × leave-one-out fold and every family's
+    # temporal holdout in parallel; the LOO winner becomes the release's family.
+    families = candidate_families() if family == AUTO_FAMILY else [family]
+    folds = {f: {n: loo_fold.submit(frame, n, f) for n in names} for f in families}
+    temporal = {f: temporal_holdout.submit(frame, f) for f in families}
+    selection = None
+    if family == AUTO_FAMILY:
+        selection = choose_family(folds, temporal)
+        family = selection.winner
+    specialists_apart = has_specialists(family)
 
     # Fit: the global model, then each configuration's specialist in parallel.
     model = fit_global.submit(frame, family, base_release.model if base_release else None)
@@ -64,11 +84,9 @@ def calibrate_corpus(corpus: str, store: str, family: str = DEFAULT_FAMILY,
         specialists = {key: fit_specialist.submit(model, frame, key) for key in configs}
         model = merge_specialists(model, {k: f.result() for k, f in specialists.items()})
 
-    # Evaluate: every leave-one-experiment-out fold and the temporal holdout in parallel.
-    folds = {i.experiment.name: loo_fold.submit(frame, i.experiment.name, family)
-             for i in usable}
-    temporal = temporal_holdout.submit(frame, family)
-    evaluation = accuracy_report.submit(frame, model, family, folds, temporal)
+    # Evaluate: in-sample, with the chosen family's folds and temporal holdout from above.
+    evaluation = accuracy_report.submit(frame, model, family, folds[family], temporal[family],
+                                        selection.to_dict() if selection else None)
     requests = request_level_report.submit(
         pipeline.request_items(items), model, family, settings, excluded,
         pipeline.request_items(everything))
@@ -81,7 +99,7 @@ def calibrate_corpus(corpus: str, store: str, family: str = DEFAULT_FAMILY,
 
 
 @flow(name="calibrate")
-def calibrate(corpus: str, store: str, family: str = DEFAULT_FAMILY,
+def calibrate(corpus: str, store: str, family: str = AUTO_FAMILY,
               ray_address: str | None = None, default_hardware: str | None = None,
               base: str | None = None, max_request_failure_rate: float | None = 0.05,
               exclude_overloaded: bool = False) -> str:
@@ -98,7 +116,7 @@ def calibrate(corpus: str, store: str, family: str = DEFAULT_FAMILY,
                   exclude_overloaded)
 
 
-def run_calibration(corpus: str, store: str, family: str = DEFAULT_FAMILY,
+def run_calibration(corpus: str, store: str, family: str = AUTO_FAMILY,
                     ray_address: str | None = None, default_hardware: str | None = None,
                     base: str | None = None, max_request_failure_rate: float | None = 0.05,
                     exclude_overloaded: bool = False) -> str:

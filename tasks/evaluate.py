@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from blis_model import pipeline, request_level
 from blis_model.models.base import StepTimeModel
 from blis_model.request_accuracy import RequestData
+from blis_model.selection import Selection, choose, score
 
 
 @task(name="loo-fold", task_run_name="loo-fold {name}", cache_policy=NO_CACHE)
@@ -31,13 +32,33 @@ def temporal_holdout(frame: pd.DataFrame, family: str) -> dict[str, dict[str, fl
     return pipeline.temporal_holdout(frame, family)
 
 
+def _completed_folds(loo: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {name: loo[name] for name in sorted(loo) if loo[name] is not None}
+
+
+@task(name="choose-family", cache_policy=NO_CACHE)
+def choose_family(loo: dict[str, dict[str, Any]], temporal: dict[str, Any]) -> Selection:
+    """Score every family from its folds and pick the leave-one-experiment-out winner."""
+    selection = choose([score(f, _completed_folds(loo[f]), temporal[f]) for f in loo])
+    logger = get_run_logger()
+    for s in selection.scores:
+        logger.info("family %s: leave-one-out MAPE %.1f%%, temporal MAPE %.1f%%", s.family,
+                    s.loo_mape, s.temporal_mape)
+    logger.info("chosen family %s", selection.reason)
+    return selection
+
+
 @task(name="accuracy-report", cache_policy=NO_CACHE)
 def accuracy_report(frame: pd.DataFrame, model: StepTimeModel, family: str,
                     loo: dict[str, dict[str, float] | None],
-                    temporal: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """The release's evaluation (``pipeline.evaluate``) from the folds run as tasks."""
-    folds = {name: loo[name] for name in sorted(loo) if loo[name] is not None}
-    evaluation = pipeline.evaluate(frame, model, family, loo=folds, temporal=temporal)
+                    temporal: dict[str, dict[str, float]],
+                    selection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The release's evaluation (``pipeline.evaluate``) from the folds run as tasks, with
+    the family comparison when the family was chosen automatically."""
+    evaluation = pipeline.evaluate(frame, model, family, loo=_completed_folds(loo),
+                                   temporal=temporal)
+    if selection:
+        evaluation["family_selection"] = selection
     s = evaluation["summary"]
     get_run_logger().info("%s accuracy (mean MAPE over experiments): in-sample %.1f%%, temporal "
                           "holdout %.1f%%, leave-one-experiment-out %.1f%%", family,

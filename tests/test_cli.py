@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from blis_model import pipeline
 from blis_model.cli import app
+from blis_model.models.registry import FAMILIES
 from blis_model.release import load_release, predict_frame
 
 SAMPLE = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
@@ -106,7 +107,20 @@ def test_fit_with_base_calibrates_a_published_release(fitted_release: tuple[str,
     url = last_line(run("fit", str(one), "--store", str(store), "--base", base).stdout)
     manifest = json.loads((Path(url) / "manifest.json").read_text())
     assert manifest["base_version"] == Path(base).name
-    assert manifest["family"] == "picf" and manifest["corpus"]["steps"] > 0
+    base_manifest = json.loads((Path(base) / "manifest.json").read_text())
+    assert manifest["family"] == base_manifest["family"] and manifest["corpus"]["steps"] > 0
+
+
+def test_fit_chooses_the_family_by_leave_one_out(fitted_release: tuple[str, Path, str]
+                                                 ) -> None:
+    url, _, _ = fitted_release
+    manifest = json.loads((Path(url) / "manifest.json").read_text())
+    selection = manifest["metrics"]["family_selection"]
+    scores = selection["scores"]
+    assert selection["winner"] == manifest["family"] == scores[0]["family"]
+    assert scores[0]["loo_mape"] == min(s["loo_mape"] for s in scores)
+    assert len(scores) == len(FAMILIES) and manifest["family"] in selection["reason"]
+    assert manifest["metrics"]["summary"]["loo_mape"] == pytest.approx(scores[0]["loo_mape"])
 
 
 def invoke(*args: str, expect: int = 0):  # noqa: ANN201 - click Result
@@ -124,7 +138,8 @@ def test_releases_list_and_show(fitted_release: tuple[str, Path, str]) -> None:
     listed = json.loads(invoke("releases", "list", str(store), "--json").stdout)
     assert version in [r["version"] for r in listed]
     entry = next(r for r in listed if r["version"] == version)
-    assert entry["family"] == "picf" and entry["url"] == url and entry["loo_mape"] > 0
+    family = json.loads((Path(url) / "manifest.json").read_text())["family"]
+    assert entry["family"] == family and entry["url"] == url and entry["loo_mape"] > 0
     human = invoke("releases", "show", url).stdout
     assert version in human and all(name in human for name in SAMPLE_EXPERIMENTS)
     shown = json.loads(invoke("releases", "show", url, "--json").stdout)

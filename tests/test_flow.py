@@ -17,6 +17,7 @@ from blis_model import pipeline
 from blis_model.errors import ConfigError
 from blis_model.release import COEFFICIENTS, DEFAULTS, build_release, read_manifest
 from blis_model.release_store import list_releases
+from blis_model.selection import candidate_families, compare_families
 from blis_model.storage import is_committed
 from flows.calibrate import run_calibration
 
@@ -59,14 +60,19 @@ def task_runs_of_last(flow_name: str) -> list[Any]:
 
 
 def in_process_release(corpus: str) -> dict[str, bytes]:
-    """The same release built without Prefect or Ray (what ``blis-model fit`` does)."""
+    """The same release built without Prefect or Ray (what ``blis-model fit`` does): the
+    family is chosen by leave-one-experiment-out among all families."""
     experiments = pipeline.load_experiments(corpus)
     items = [pipeline.featurize(e) for e in experiments]
     frame = pipeline.training_frame(items)
-    model = pipeline.fit_model(frame, "picf")
-    evaluation = pipeline.evaluate(frame, model, "picf")
+    selection = compare_families(frame)
+    family = selection.winner
+    model = pipeline.fit_model(frame, family)
+    loo, temporal = selection.results[family]
+    evaluation = pipeline.evaluate(frame, model, family, loo=loo, temporal=temporal)
+    evaluation["family_selection"] = selection.to_dict()
     return build_release(model, frame, experiments, [i.report for i in items], corpus,
-                         evaluation, "picf")
+                         evaluation, family)
 
 
 def test_flow_publishes_the_release_the_library_builds(local_ray, tmp_path):
@@ -100,7 +106,11 @@ def test_flow_publishes_the_release_the_library_builds(local_ray, tmp_path):
     runs = task_runs_of_last("calibrate-corpus")
     assert all(r.state.is_completed() for r in runs)
     kinds = Counter(r.name.split(" ")[0] for r in runs if " " in r.name)
-    assert kinds == {"featurize": 4, "fit-specialist": 4, "loo-fold": 4}
+    families = len(candidate_families())
+    assert kinds == {"featurize": 4, "fit-specialist": 4, "loo-fold": 4 * families}
+    selection = metrics["family_selection"]
+    assert selection["winner"] == manifest["family"]
+    assert len(selection["scores"]) == families
 
 
 def test_a_broken_experiment_fails_the_flow_and_writes_no_release(local_ray, tmp_path):

@@ -21,7 +21,7 @@ set plus one set per configuration shrunk toward it (``config_prior_steps``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -169,6 +169,18 @@ class Overlap(StepTimeModel):
         G, C = design(X, self.gpu_features), design(X, self.cpu_features)
         for key, idx in X.groupby("config_key", sort=True).indices.items():
             model.config_coef_[str(key)] = self._fit_config(G[idx], C[idx], y[idx])
+        return model
+
+    def with_config_sets(self, specialists: Mapping[str, Overlap]) -> Overlap:
+        """A copy (``per_config`` on) taking each configuration's set from
+        ``specialists[key]`` (``calibrate`` on that configuration, run in parallel).
+        ``fit`` equals ``Overlap(per_config=False).fit`` merged this way."""
+        model = Overlap(**{**self.get_params(), "per_config": True})
+        model.coef_ = self.coef_.copy()
+        model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
+        model.n_features_in_ = self.n_features_in_
+        for key in sorted(specialists):
+            model.config_coef_[str(key)] = specialists[key].config_coef_[str(key)].copy()
         return model
 
     # -- prediction ---------------------------------------------------------------------

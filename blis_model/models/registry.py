@@ -18,6 +18,7 @@ FAMILIES: dict[str, type[StepTimeModel]] = {
     "hybrid": Hybrid, "overlap": Overlap,
 }
 DEFAULT_FAMILY = "picf"
+AUTO_FAMILY = "auto"  # choose the family by leave-one-experiment-out (blis_model.selection)
 
 
 def make_model(family: str, **params: Any) -> StepTimeModel:
