@@ -72,3 +72,75 @@ class StepTimeModel(RegressorMixin, BaseEstimator):
 
     def calibrate(self, X: pd.DataFrame, y: Any = None) -> StepTimeModel:  # pragma: no cover
         raise NotImplementedError
+
+
+class ConfigCoefficientSets(StepTimeModel):
+    """A family with one global coefficient vector ``coef_`` (over ``features``) and one
+    vector per configuration key in ``config_coef_`` (shrunk toward the global one).
+
+    Subclasses provide ``_fit_config(X, y) -> coefficients`` for one configuration and
+    ``_predict_with(X, coefficients) -> µs``; this class gives them prediction by
+    configuration (global set for unseen keys), ``calibrate``, ``with_config_sets`` and
+    the common part of serialisation.
+    """
+
+    features: Any
+
+    def _fit_config(self, X: pd.DataFrame, y: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def _predict_with(self, X: pd.DataFrame, coef: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def _fit_config_sets(self, X: pd.DataFrame, y: np.ndarray) -> None:
+        self.config_coef_: dict[str, np.ndarray] = {}
+        if getattr(self, "per_config", False) and "config_key" in X:
+            for key, idx in X.groupby("config_key", sort=True).indices.items():
+                self.config_coef_[str(key)] = self._fit_config(X.iloc[idx], y[idx])
+
+    def _copy_fitted(self, **params: Any) -> Any:
+        model = type(self)(**{**self.get_params(), **params})
+        model.coef_ = self.coef_.copy()
+        model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
+        model.n_features_in_ = self.n_features_in_
+        return model
+
+    def calibrate(self, X: pd.DataFrame, y: Any = None) -> Any:
+        """A copy whose per-configuration sets are refit on ``X`` (few target steps),
+        shrunk toward this model's global coefficients; ``self`` is untouched."""
+        y = target(X, y)
+        model = self._copy_fitted()
+        for key, idx in X.groupby("config_key", sort=True).indices.items():
+            model.config_coef_[str(key)] = self._fit_config(X.iloc[idx], y[idx])
+        return model
+
+    def with_config_sets(self, specialists: Any) -> Any:
+        """A copy (``per_config`` on) whose set for each configuration key is taken from
+        ``specialists[key]`` — e.g. ``calibrate`` on that configuration's steps, run in
+        parallel. ``fit`` equals a ``per_config=False`` fit merged this way."""
+        model = self._copy_fitted(per_config=True)
+        for key in sorted(specialists):
+            model.config_coef_[str(key)] = specialists[key].config_coef_[str(key)].copy()
+        return model
+
+    def coefficients_for(self, config_key: str | None) -> np.ndarray:
+        """The coefficient set used for a configuration (global if not calibrated)."""
+        return self.config_coef_.get(str(config_key), self.coef_) if config_key else self.coef_
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        if "config_key" not in X or not self.config_coef_:
+            return self._predict_with(X, self.coef_)
+        out = np.empty(len(X))
+        for key, idx in X.groupby("config_key", sort=False).indices.items():
+            out[idx] = self._predict_with(X.iloc[idx], self.coefficients_for(str(key)))
+        return out
+
+    def _coefficient_sets(self) -> dict[str, Any]:
+        return {"global": coefficient_table(self.features, self.coef_),
+                "per_config": {k: coefficient_table(self.features, v)
+                               for k, v in sorted(self.config_coef_.items())}}
+
+    def _restore_sets(self, data: dict[str, Any]) -> None:
+        self.coef_ = coefficient_values(data["global"])
+        self.config_coef_ = {k: coefficient_values(v) for k, v in data["per_config"].items()}
+        self.n_features_in_ = len(self.features)

@@ -21,7 +21,7 @@ set plus one set per configuration shrunk toward it (``config_prior_steps``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,13 +30,7 @@ from scipy.optimize import least_squares
 
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.features.registry import REGISTRY
-from blis_model.models.base import (
-    StepTimeModel,
-    coefficient_table,
-    coefficient_values,
-    design,
-    target,
-)
+from blis_model.models.base import ConfigCoefficientSets, design, target
 from blis_model.models.solvers import RelativeGram, nonneg_ridge
 
 DEFAULT_GPU = tuple(n for n in PHYSICS_FEATURES if REGISTRY[n].kind == "correction")
@@ -55,7 +49,7 @@ def overlap_time(g: np.ndarray, c: np.ndarray, power: float) -> np.ndarray:
     return m * ((g / m) ** power + (c / m) ** power) ** (1.0 / power)
 
 
-class Overlap(StepTimeModel):
+class Overlap(ConfigCoefficientSets):
     """Smooth max of a GPU expert and a CPU expert, global + per configuration."""
 
     family = "overlap"
@@ -80,10 +74,6 @@ class Overlap(StepTimeModel):
     def _split(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         k = len(self.gpu_features)
         return theta[:k], theta[k:]
-
-    def _predict_with(self, G: np.ndarray, C: np.ndarray, theta: np.ndarray) -> np.ndarray:
-        tg, tc = self._split(theta)
-        return overlap_time(G @ tg, C @ tc, self.power)
 
     def _solve(self, G: np.ndarray, C: np.ndarray, y: np.ndarray, prior: np.ndarray,
                penalty: np.ndarray, start: np.ndarray) -> np.ndarray:
@@ -147,54 +137,20 @@ class Overlap(StepTimeModel):
         prior, penalty = self._prior_and_penalty(len(y))
         start = self._start(G, C, y, prior)
         self.coef_ = self._solve(G, C, y, prior, penalty, start)
-        self.config_coef_: dict[str, np.ndarray] = {}
-        if self.per_config and "config_key" in X:
-            for key, idx in X.groupby("config_key", sort=True).indices.items():
-                self.config_coef_[str(key)] = self._fit_config(G[idx], C[idx], y[idx])
         self.n_features_in_ = len(self.features)
+        self._fit_config_sets(X, y)
         return self
 
-    def _fit_config(self, G: np.ndarray, C: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def _fit_config(self, X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
+        G, C = design(X, self.gpu_features), design(X, self.cpu_features)
         penalty = np.full(len(self.coef_), float(self.config_prior_steps))
         return self._solve(G, C, y, self.coef_, penalty, self.coef_)
 
-    def calibrate(self, X: pd.DataFrame, y: Any = None) -> Overlap:
-        """A copy with per-configuration sets refit on ``X`` (few target steps), shrunk
-        toward this model's global coefficients."""
-        y = target(X, y)
-        model = Overlap(**self.get_params())
-        model.coef_ = self.coef_.copy()
-        model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
-        model.n_features_in_ = self.n_features_in_
-        G, C = design(X, self.gpu_features), design(X, self.cpu_features)
-        for key, idx in X.groupby("config_key", sort=True).indices.items():
-            model.config_coef_[str(key)] = self._fit_config(G[idx], C[idx], y[idx])
-        return model
-
-    def with_config_sets(self, specialists: Mapping[str, Overlap]) -> Overlap:
-        """A copy (``per_config`` on) taking each configuration's set from
-        ``specialists[key]`` (``calibrate`` on that configuration, run in parallel).
-        ``fit`` equals ``Overlap(per_config=False).fit`` merged this way."""
-        model = Overlap(**{**self.get_params(), "per_config": True})
-        model.coef_ = self.coef_.copy()
-        model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
-        model.n_features_in_ = self.n_features_in_
-        for key in sorted(specialists):
-            model.config_coef_[str(key)] = specialists[key].config_coef_[str(key)].copy()
-        return model
-
     # -- prediction ---------------------------------------------------------------------
-    def coefficients_for(self, config_key: str | None) -> np.ndarray:
-        return self.config_coef_.get(str(config_key), self.coef_) if config_key else self.coef_
-
-    def predict(self, X: pd.DataFrame) -> np.ndarray:
-        G, C = design(X, self.gpu_features), design(X, self.cpu_features)
-        if "config_key" not in X or not self.config_coef_:
-            return self._predict_with(G, C, self.coef_)
-        out = np.empty(len(X))
-        for key, idx in X.groupby("config_key", sort=False).indices.items():
-            out[idx] = self._predict_with(G[idx], C[idx], self.coefficients_for(str(key)))
-        return out
+    def _predict_with(self, X: pd.DataFrame, coef: np.ndarray) -> np.ndarray:
+        tg, tc = self._split(coef)
+        g = design(X, self.gpu_features) @ tg
+        return overlap_time(g, design(X, self.cpu_features) @ tc, self.power)
 
     def gpu_cpu_us(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """The two experts' times (µs) per step, global coefficients."""
@@ -210,9 +166,7 @@ class Overlap(StepTimeModel):
             "params": params,
             "features": list(self.features),
             "combine": {"rule": "(gpu^power + cpu^power)^(1/power)", "power": self.power},
-            "global": coefficient_table(self.features, self.coef_),
-            "per_config": {k: coefficient_table(self.features, v)
-                           for k, v in sorted(self.config_coef_.items())},
+            **self._coefficient_sets(),
         }
 
     @classmethod
@@ -221,7 +175,5 @@ class Overlap(StepTimeModel):
         params["gpu_features"] = tuple(params["gpu_features"])
         params["cpu_features"] = tuple(params["cpu_features"])
         model = cls(**params)
-        model.coef_ = coefficient_values(data["global"])
-        model.config_coef_ = {k: coefficient_values(v) for k, v in data["per_config"].items()}
-        model.n_features_in_ = len(model.features)
+        model._restore_sets(data)
         return model

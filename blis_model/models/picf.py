@@ -14,7 +14,7 @@ stays close to the global physics and one seen with many steps follows its data.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,9 +22,7 @@ import pandas as pd
 
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.models.base import (
-    StepTimeModel,
-    coefficient_table,
-    coefficient_values,
+    ConfigCoefficientSets,
     correction_mask,
     design,
     priors,
@@ -33,7 +31,7 @@ from blis_model.models.base import (
 from blis_model.models.solvers import RelativeGram, nonneg_ridge
 
 
-class PICF(StepTimeModel):
+class PICF(ConfigCoefficientSets):
     """Non-negative relative-error ridge on physics features, global + per configuration."""
 
     family = "picf"
@@ -49,10 +47,10 @@ class PICF(StepTimeModel):
     def _global_penalty(self, n: float) -> np.ndarray:
         return np.where(correction_mask(self.features), self.ridge * n, 0.0)
 
-    def _fit_config(self, X: pd.DataFrame, y: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    def _fit_config(self, X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
         stats = RelativeGram.from_rows(design(X, self.features), y)
-        penalty = np.full(len(prior), float(self.config_prior_steps))
-        return nonneg_ridge(stats, prior, penalty)
+        penalty = np.full(len(self.coef_), float(self.config_prior_steps))
+        return nonneg_ridge(stats, self.coef_, penalty)
 
     def fit(self, X: pd.DataFrame, y: Any = None) -> PICF:
         y = target(X, y)
@@ -61,50 +59,12 @@ class PICF(StepTimeModel):
         names = list(self.features)
         stats = RelativeGram.from_rows(design(X, names), y)
         self.coef_ = nonneg_ridge(stats, priors(names), self._global_penalty(len(y)))
-        self.config_coef_: dict[str, np.ndarray] = {}
-        if self.per_config and "config_key" in X:
-            for key, idx in X.groupby("config_key", sort=True).indices.items():
-                self.config_coef_[str(key)] = self._fit_config(X.iloc[idx], y[idx], self.coef_)
         self.n_features_in_ = len(names)
+        self._fit_config_sets(X, y)
         return self
 
-    def calibrate(self, X: pd.DataFrame, y: Any = None) -> PICF:
-        """A copy whose per-configuration sets are refit on ``X`` (few target steps),
-        shrunk toward this model's global coefficients."""
-        y = target(X, y)
-        model = PICF(**self.get_params())
-        model.coef_ = self.coef_.copy()
-        model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
-        model.n_features_in_ = self.n_features_in_
-        for key, idx in X.groupby("config_key", sort=True).indices.items():
-            model.config_coef_[str(key)] = self._fit_config(X.iloc[idx], y[idx], self.coef_)
-        return model
-
-    def with_config_sets(self, specialists: Mapping[str, PICF]) -> PICF:
-        """A copy (``per_config`` on) whose set for each configuration key is taken from
-        ``specialists[key]`` — e.g. ``calibrate`` on that configuration's steps, run in
-        parallel. ``fit`` equals ``PICF(per_config=False).fit`` merged this way."""
-        model = PICF(**{**self.get_params(), "per_config": True})
-        model.coef_ = self.coef_.copy()
-        model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
-        model.n_features_in_ = self.n_features_in_
-        for key in sorted(specialists):
-            model.config_coef_[str(key)] = specialists[key].config_coef_[str(key)].copy()
-        return model
-
-    # -- prediction ---------------------------------------------------------------------
-    def coefficients_for(self, config_key: str | None) -> np.ndarray:
-        """The coefficient set used for a configuration (global if not calibrated)."""
-        return self.config_coef_.get(str(config_key), self.coef_) if config_key else self.coef_
-
-    def predict(self, X: pd.DataFrame) -> np.ndarray:
-        A = design(X, self.features)
-        if "config_key" not in X or not self.config_coef_:
-            return A @ self.coef_
-        out = np.empty(len(X))
-        for key, idx in X.groupby("config_key", sort=False).indices.items():
-            out[idx] = A[idx] @ self.coefficients_for(str(key))
-        return out
+    def _predict_with(self, X: pd.DataFrame, coef: np.ndarray) -> np.ndarray:
+        return design(X, self.features) @ coef
 
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -112,9 +72,7 @@ class PICF(StepTimeModel):
             "family": self.family,
             "params": {**self.get_params(), "features": list(self.features)},
             "features": list(self.features),
-            "global": coefficient_table(self.features, self.coef_),
-            "per_config": {k: coefficient_table(self.features, v)
-                           for k, v in sorted(self.config_coef_.items())},
+            **self._coefficient_sets(),
         }
 
     @classmethod
@@ -122,7 +80,5 @@ class PICF(StepTimeModel):
         params = dict(data["params"])
         params["features"] = tuple(params["features"])
         model = cls(**params)
-        model.coef_ = coefficient_values(data["global"])
-        model.config_coef_ = {k: coefficient_values(v) for k, v in data["per_config"].items()}
-        model.n_features_in_ = len(model.features)
+        model._restore_sets(data)
         return model
