@@ -1,0 +1,195 @@
+"""New experiments under a watched prefix, recognised by object identity.
+
+An experiment is a folder holding ``exp-config.yaml`` (see ``experiment``). Its identity
+is a digest of its objects' names and identities (the ETag on S3, size and mtime
+locally), so a re-upload of a changed trace is new again and an unchanged folder is not.
+What was already seen is remembered in ``<store>/state/seen.json``, per watched prefix.
+An experiment is only reported once its newest object is ``settle_s`` seconds old, so a
+folder still being uploaded waits for the next scan.
+
+Pure library code: listing and state only; the sensor flow (``flows.watch``) emits events.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from blis_model.errors import CorpusError
+from blis_model.experiment import EXP_CONFIG
+from blis_model.release_store import _store_root
+from blis_model.storage import filesystem, is_remote, join, redact, storage_errors
+
+STATE = "state/seen.json"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One experiment folder as listed: identity digest, object count, bytes, newest
+    object time (UTC epoch seconds)."""
+
+    name: str
+    identity: str
+    files: int
+    bytes: int
+    newest: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _object_identity(info: dict[str, Any]) -> str:
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    return f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or ''}"
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    value = info.get("LastModified") or info.get("mtime") or info.get("last_modified") or 0.0
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def scan(prefix: str, options: dict[str, Any] | None = None) -> dict[str, Seen]:
+    """Every experiment folder under ``prefix`` (name relative to it → :class:`Seen`),
+    from one recursive listing."""
+    fs, root = filesystem(prefix, options)
+    root = root.rstrip("/")
+    with storage_errors(prefix, options):
+        fs.invalidate_cache(root)
+        if not fs.exists(root):
+            raise CorpusError(f"watched prefix {redact(prefix)} does not exist")
+        found = fs.find(root, detail=True)
+    objects = {p: info for p, info in found.items() if info.get("type", "file") == "file"}
+    folders = sorted({p.rsplit("/", 1)[0] for p in objects if p.rsplit("/", 1)[-1] == EXP_CONFIG})
+    out: dict[str, Seen] = {}
+    for folder in folders:
+        mine = {p: i for p, i in objects.items() if p.startswith(folder + "/")}
+        # Objects of a nested experiment belong to it, not to this folder.
+        nested = [f for f in folders if f != folder and f.startswith(folder + "/")]
+        mine = {p: i for p, i in mine.items() if not any(p.startswith(n + "/") for n in nested)}
+        digest = hashlib.sha256()
+        for path in sorted(mine):
+            digest.update(f"{path[len(folder) + 1:]}\0{_object_identity(mine[path])}\n".encode())
+        name = folder[len(root) + 1:] if folder != root else "."
+        out[name] = Seen(name=name, identity=digest.hexdigest(), files=len(mine),
+                         bytes=int(sum(int(i.get("size") or 0) for i in mine.values())),
+                         newest=max((_mtime(i) for i in mine.values()), default=0.0))
+    return out
+
+
+def state_url(store_url: str) -> str:
+    return join(_store_root(store_url), STATE)
+
+
+def _prefix_key(prefix: str) -> str:
+    return redact(prefix if is_remote(prefix) else _store_root(prefix)).rstrip("/")
+
+
+def load_seen(store_url: str, prefix: str, options: dict[str, Any] | None = None
+              ) -> dict[str, str]:
+    """What was already reported under ``prefix``: experiment name → identity."""
+    url = state_url(store_url)
+    fs, path = filesystem(url, options)
+    with storage_errors(url, options):
+        fs.invalidate_cache(path)
+        try:
+            raw = fs.cat_file(path)
+        except FileNotFoundError:
+            return {}
+    try:
+        state = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CorpusError(f"{redact(url)} is not valid JSON ({exc}): remove it to rescan "
+                          "every experiment") from None
+    entries = (state.get("prefixes") or {}).get(_prefix_key(prefix)) or {}
+    return {name: str(entry.get("identity")) for name, entry in entries.items()}
+
+
+def save_seen(store_url: str, prefix: str, seen: dict[str, Seen],
+              options: dict[str, Any] | None = None) -> None:
+    """Remember ``seen`` as the experiments reported under ``prefix`` (other prefixes'
+    entries are kept)."""
+    from blis_model.storage import write_bytes_atomic
+
+    url = state_url(store_url)
+    fs, path = filesystem(url, options)
+    with storage_errors(url, options):
+        fs.invalidate_cache(path)
+        try:
+            state = json.loads(fs.cat_file(path))
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = {}
+    prefixes = dict(state.get("prefixes") or {})
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    prefixes[_prefix_key(prefix)] = {name: {**s.to_dict(), "seen_at": now}
+                                     for name, s in sorted(seen.items())}
+    body = (json.dumps({"prefixes": prefixes}, indent=2) + "\n").encode()
+    write_bytes_atomic(url, body, options)
+
+
+def new_experiments(scanned: dict[str, Seen], seen: dict[str, str], settle_s: float = 0.0,
+                    now: float | None = None) -> tuple[list[Seen], list[Seen]]:
+    """``(ready, waiting)``: experiments new or changed since ``seen``, split by whether
+    their newest object is at least ``settle_s`` seconds old."""
+    now = dt.datetime.now(dt.UTC).timestamp() if now is None else now
+    changed = [s for name, s in sorted(scanned.items()) if seen.get(name) != s.identity]
+    ready = [s for s in changed if now - s.newest >= settle_s]
+    waiting = [s for s in changed if now - s.newest < settle_s]
+    return ready, waiting
+
+
+CALIBRATED = "state/calibrated.json"
+
+
+def corpus_identity(scanned: dict[str, Seen]) -> str:
+    """One digest of every experiment's identity under a prefix."""
+    digest = hashlib.sha256()
+    for name, item in sorted(scanned.items()):
+        digest.update(f"{name}\0{item.identity}\n".encode())
+    return digest.hexdigest()
+
+
+def last_calibrated(store_url: str, prefix: str, options: dict[str, Any] | None = None
+                    ) -> dict[str, str]:
+    """``{"identity", "version"}`` of the last release calibrated on ``prefix`` ({} if none)."""
+    url = join(_store_root(store_url), CALIBRATED)
+    fs, path = filesystem(url, options)
+    with storage_errors(url, options):
+        fs.invalidate_cache(path)
+        try:
+            state = json.loads(fs.cat_file(path))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+    return dict((state.get("prefixes") or {}).get(_prefix_key(prefix)) or {})
+
+
+def mark_calibrated(store_url: str, prefix: str, identity: str, version: str,
+                    options: dict[str, Any] | None = None) -> None:
+    """Remember that release ``version`` was calibrated on ``prefix`` as it was then."""
+    from blis_model.storage import write_bytes_atomic
+
+    url = join(_store_root(store_url), CALIBRATED)
+    fs, path = filesystem(url, options)
+    with storage_errors(url, options):
+        fs.invalidate_cache(path)
+        try:
+            state = json.loads(fs.cat_file(path))
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = {}
+    prefixes = dict(state.get("prefixes") or {})
+    prefixes[_prefix_key(prefix)] = {"identity": identity, "version": version}
+    write_bytes_atomic(url, (json.dumps({"prefixes": prefixes}, indent=2) + "\n").encode(),
+                       options)
+
+
+__all__ = ["CALIBRATED", "STATE", "Seen", "corpus_identity", "last_calibrated", "load_seen",
+           "mark_calibrated", "new_experiments", "save_seen", "scan", "state_url"]

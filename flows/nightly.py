@@ -1,0 +1,59 @@
+"""Recalibration: calibrate on a corpus, publish the artifacts, move ``candidate``.
+
+One flow, two deployments (``deploy/deployments.py``): ``nightly`` on a cron schedule,
+and ``on-upload``, triggered by the sensor's ``blis.experiment.uploaded`` events
+(``flows.watch``). A reviewer then reads the run's artifacts and promotes the candidate
+with the ``promote`` deployment.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from blis_model.models.registry import AUTO_FAMILY
+from blis_model.release_store import list_releases, release_url
+from blis_model.storage import redact
+from blis_model.uploads import corpus_identity, last_calibrated, mark_calibrated, scan
+from flows.calibrate import calibrate
+from tasks.artifacts import plot_frame, publish_artifacts, release_plots
+from tasks.channels import move_channel, run_actor
+
+
+@flow(name="recalibrate")
+def recalibrate(corpus: str, store: str, family: str = AUTO_FAMILY,
+                ray_address: str | None = None, default_hardware: str | None = None,
+                channel: str = "candidate", reason: str = "scheduled recalibration",
+                skip_if_unchanged: bool = False) -> str:
+    """Calibrate on every experiment under ``corpus``, publish the release to ``store``
+    with its artifacts, and point ``channel`` (``candidate``) at it. Returns the URL.
+    ``family`` ``auto`` lets validation choose (``flows.calibrate``).
+
+    With ``skip_if_unchanged`` (on-upload runs), a corpus whose objects are exactly those
+    of the last calibration on it is not calibrated again: the run returns that release's
+    URL (several uploads seen in one scan queue several runs; the first does the work)."""
+    logger = get_run_logger()
+    identity = corpus_identity(scan(corpus))
+    last = last_calibrated(store, corpus)
+    if skip_if_unchanged and last.get("identity") == identity:
+        logger.info("%s is unchanged since release %s was calibrated on it: nothing to do",
+                    redact(corpus), last.get("version"))
+        return release_url(store, str(last.get("version")))
+    logger.info("recalibrating on %s (%s): %s", redact(corpus), family, reason)
+    url = calibrate(corpus=corpus, store=store, family=family, ray_address=ray_address,
+                    default_hardware=default_hardware)
+    version = url.rstrip("/").rsplit("/", 1)[-1]
+    # Plots are drawn from the corpus only when the release folder has none of its own.
+    frame = None if release_plots(url) else plot_frame(corpus)
+    learning = None
+    if frame is not None:
+        from blis_model.plots import learning_curve
+        from blis_model.release import read_manifest
+
+        learning = learning_curve(frame, str(read_manifest(url)["family"]))
+    publish_artifacts(url, frame, learning)
+    mark_calibrated(store, corpus, identity, version)
+    move_channel(store, version, channel, by=run_actor(), reason=reason, latest_wins=True)
+    known = len(list_releases(store))
+    logger.info("release %s is the new %s (%d release(s) in the store); promote it with the "
+                "'promote' deployment", version, channel, known)
+    return url

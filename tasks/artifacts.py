@@ -1,0 +1,206 @@
+"""Artifacts a reviewer reads in the Prefect UI: the release's model card, its metrics per
+experiment (and per family when the release compared several) and its plots.
+
+Plots come from the release folder (``plots/*.png``) when the release has them, else they
+are drawn from the feature frame given (``blis_model.plots``). They are embedded as
+``data:`` URLs in markdown artifacts (the UI renders markdown images as ``<img>``), because
+a release store is usually not reachable from a browser; Prefect's image artifacts take a
+URL and print it in full under the image, which for a data URL is 100 kB of text.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from blis_model import plots
+from blis_model.release import MODEL_CARD, load_release, predict_frame
+from blis_model.storage import filesystem, join, redact, storage_errors
+from tasks.policy import RETRIES, RETRY_DELAYS, transient
+
+KEY_PREFIX = "blis"
+
+
+def _key(*parts: str) -> str:
+    """An artifact key: lower-case letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join((KEY_PREFIX, *parts)).lower()).strip("-")
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def release_plots(url: str) -> dict[str, bytes]:
+    """``plots/*.png`` of the release folder (empty when it has none)."""
+    root = join(url, plots.PLOTS_DIR)
+    fs, path = filesystem(root, None)
+    with storage_errors(root, None):
+        fs.invalidate_cache(path)
+        try:
+            found = fs.glob(f"{path.rstrip('/')}/*.png")
+        except FileNotFoundError:
+            return {}
+        return {f"{plots.PLOTS_DIR}/{p.rsplit('/', 1)[-1]}": fs.cat_file(p) for p in found}
+
+
+def _read_text(url: str, name: str) -> str:
+    target = join(url, name)
+    fs, path = filesystem(target, None)
+    with storage_errors(target, None):
+        try:
+            return fs.cat_file(path).decode()
+        except FileNotFoundError:
+            return ""
+
+
+def metrics_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per experiment (steps, in-sample / temporal / leave-one-out / BLIS
+    projection MAPE %), the mean, and one row per candidate family when the family was
+    chosen by validation (``metrics.family_selection``)."""
+    metrics = manifest.get("metrics") or {}
+    proj = ((metrics.get("blis_projection") or {}).get("per_experiment")) or {}
+
+    def mape(kind: str, name: str) -> float | None:
+        value = ((metrics.get(kind) or {}).get(name) or {}).get("mape")
+        return None if value is None else round(float(value), 3)
+
+    rows = []
+    for exp in manifest.get("experiments", []):
+        name = exp["name"]
+        p = ((proj.get(name) or {}).get("projection") or {}).get("mape")
+        rows.append({"scope": "experiment", "name": name, "family": manifest.get("family"),
+                     "steps": exp.get("steps"), "in_sample_mape": mape("in_sample", name),
+                     "temporal_mape": mape("temporal_holdout", name),
+                     "loo_mape": mape("leave_one_experiment_out", name),
+                     "blis_projection_mape": None if p is None else round(float(p), 3)})
+    s = metrics.get("summary") or {}
+    ps = ((metrics.get("blis_projection") or {}).get("summary")) or {}
+    rows.append({"scope": "mean", "name": "mean over experiments", "family":
+                 manifest.get("family"), "steps": (manifest.get("corpus") or {}).get("steps"),
+                 **{k: s.get(k) for k in ("in_sample_mape", "temporal_mape", "loo_mape")},
+                 "blis_projection_mape": ps.get("projection_mape")})
+    selection = metrics.get("family_selection") or {}
+    for score in selection.get("scores") or []:
+        chosen = " (chosen)" if score.get("family") == selection.get("winner") else ""
+        rows.append({"scope": "family", "name": f"{score.get('family')}{chosen}",
+                     "family": score.get("family"), "steps": None, "in_sample_mape": None,
+                     "temporal_mape": score.get("temporal_mape"),
+                     "loo_mape": score.get("loo_mape"), "blis_projection_mape": None})
+    return rows
+
+
+PLOT_CAPTIONS = {
+    "predicted_vs_measured": "Predicted vs measured step time, every step (log-log).",
+    "error_by_regime": "Signed step-time error by batch regime and experiment.",
+    "learning_curve": "Held-out error against the number of training steps.",
+}
+
+
+def plots_markdown(version: str, link: str, images: dict[str, bytes]) -> str:
+    """Every plot of a release, inline, with a caption and its file in the release."""
+    lines = [f"# Plots of release {version}", ""]
+    for name, png in sorted(images.items()):
+        stem = name.rsplit("/", 1)[-1].removesuffix(".png")
+        lines += [f"## {stem.replace('_', ' ')}", "", PLOT_CAPTIONS.get(stem, ""), "",
+                  f"![{stem}]({_data_url(png)})", "", f"`{link}/{name}`", ""]
+    return "\n".join(lines)
+
+
+def card_with_plots(card: str, images: dict[str, bytes]) -> str:
+    """The model card with its plots inline: links to ``plots/x.png`` become data URLs,
+    and plots the card does not show yet are appended under "Plots"."""
+    shown = set()
+    for name, png in images.items():
+        if f"({name})" in card:
+            card = card.replace(f"({name})", f"({_data_url(png)})")
+            shown.add(name)
+    missing = [n for n in sorted(images) if n not in shown]
+    if missing:
+        card = card.rstrip() + "\n\n## Plots\n\n" + "\n\n".join(
+            f"![{n}]({_data_url(images[n])})" for n in missing) + "\n"
+    return card
+
+
+@task(name="publish-artifacts", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
+def publish_artifacts(release_url: str, frame: pd.DataFrame | None = None,
+                      learning: list[dict[str, float]] | None = None) -> dict[str, str]:
+    """Publish the release's model card, metrics table and plots as artifacts of this
+    flow run; return ``{artifact key: kind}``."""
+    logger = get_run_logger()
+    release = load_release(release_url)
+    manifest = release.manifest
+    version = release.version
+    images = release_plots(release_url)
+    if not images and frame is not None and len(frame):
+        images = plots.release_plots(frame, predict_frame(release, frame), learning)
+    card = _read_text(release_url, MODEL_CARD) or f"# Release {version}\n"
+    published: dict[str, str] = {}
+    link = redact(release_url)
+    key = _key("model-card")
+    create_markdown_artifact(card_with_plots(card, images), key=key,
+                             description=f"Model card of release {version} ({link})")
+    published[key] = "markdown"
+    key = _key("metrics")
+    create_table_artifact(metrics_rows(manifest), key=key,
+                          description=f"Accuracy of release {version} (MAPE %, per "
+                                      "experiment, mean and per family)")
+    published[key] = "table"
+    if images:
+        key = _key("plots")
+        create_markdown_artifact(plots_markdown(version, link, images), key=key,
+                                 description=f"Plots of release {version}")
+        published[key] = "markdown"
+    logger.info("release %s: published its model card, metrics table and %d plot(s) as "
+                "artifacts (%s)", version, len(images), json.dumps(sorted(published)))
+    return published
+
+
+@task(name="plot-frame", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
+def plot_frame(corpus: str) -> pd.DataFrame:
+    """The corpus's feature frame, to draw a release's plots when its folder has none."""
+    from blis_model.channels import golden_frame
+
+    frame = golden_frame(corpus)
+    get_run_logger().info("drawing plots from %d steps of %s", len(frame), redact(corpus))
+    return frame
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{float(value):.2f}"
+
+
+def gate_markdown(gate: dict[str, Any], verdict: str) -> str:
+    """The golden gate's verdict as markdown (for the promote flow's artifact): pooled
+    MAPE % per metric, the reasons, and MAPE % per golden experiment and metric."""
+    pooled = gate.get("metrics") or {"step": {"n": gate.get("steps"),
+                                              "candidate": gate.get("candidate_mape"),
+                                              "baseline": gate.get("baseline_mape")}}
+    lines = [f"# Promotion gate: {verdict}", "",
+             f"- candidate: `{gate['candidate']}`; current: `{gate.get('baseline') or 'none'}`",
+             f"- tolerance: {gate['tolerance_pp']:g} percentage point(s); golden corpus "
+             f"`{gate.get('corpus') or '?'}`, {gate.get('steps')} steps", ""]
+    lines += [f"- **{r}**" for r in gate.get("reasons") or []]
+    lines += ["", "| metric | n | candidate MAPE % | current MAPE % |", "|---|---|---|---|"]
+    lines += [f"| {m} | {r.get('n')} | {_pct(r.get('candidate'))} | {_pct(r.get('baseline'))} |"
+              for m, r in pooled.items()]
+    lines += ["", "| experiment | metric | n | candidate MAPE % | current MAPE % |",
+              "|---|---|---|---|---|"]
+    for name, row in (gate.get("per_experiment") or {}).items():
+        metrics = row if isinstance(row.get("step"), dict) else {"step": row}
+        for m, r in metrics.items():
+            lines.append(f"| {name} | {m} | {r.get('n', r.get('steps'))} | "
+                         f"{_pct(r.get('candidate'))} | {_pct(r.get('baseline'))} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["card_with_plots", "gate_markdown", "metrics_rows", "plot_frame",
+           "plots_markdown", "publish_artifacts", "release_plots"]
