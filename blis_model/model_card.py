@@ -305,6 +305,35 @@ def _section_requests(m: Mapping[str, Any]) -> list[str]:
     return out
 
 
+PLOT_CAPTIONS = {
+    "predicted_vs_measured": "Predicted vs measured step time, every step (µs, log-log).",
+    "error_by_regime": "Signed step-time error (%) by batch regime and experiment.",
+    "learning_curve": "Temporal-holdout error (%) against the number of training steps.",
+}
+
+
+def _stem_rank(path: Any, order: list[str]) -> int:
+    stem = str(path).rsplit("/", 1)[-1].removesuffix(".png")
+    return order.index(stem) if stem in order else len(order)
+
+
+def _section_plots(m: Mapping[str, Any]) -> list[str]:
+    """Links to the release's ``plots/*.png`` (relative to the release folder)."""
+    block = m.get("plots") or {}
+    files = block.get("files") or []
+    if not files:
+        return []
+    order = list(PLOT_CAPTIONS)
+    out = ["## Plots", ""]
+    for path in sorted(files, key=lambda p: (_stem_rank(p, order), str(p))):
+        stem = str(path).rsplit("/", 1)[-1].removesuffix(".png")
+        out += [f"### {stem.replace('_', ' ')}", "", PLOT_CAPTIONS.get(stem, ""), "",
+                f"![{stem}]({path})", ""]
+    if block.get("learning_curve_skipped"):
+        out += [f"No learning curve: {block['learning_curve_skipped']}.", ""]
+    return out
+
+
 def render(manifest: Mapping[str, Any], coefficients: Mapping[str, Any]) -> str:
     """The model card markdown of a release."""
     lines = [f"# BLIS step-time model — release {manifest.get('version')}", "",
@@ -312,6 +341,7 @@ def render(manifest: Mapping[str, Any], coefficients: Mapping[str, Any]) -> str:
     lines += _section_release(manifest)
     lines += _section_data(manifest)
     lines += _section_accuracy(manifest.get("metrics") or {})
+    lines += _section_plots(manifest)
     lines += _section_coefficients(manifest, coefficients)
     lines += _section_blis(manifest, coefficients)
     lines += _section_requests(manifest)

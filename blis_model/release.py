@@ -17,7 +17,10 @@ A release is a folder (see ``release_store`` for where it lives) holding:
 * ``model_configs/<name>/config.json`` — the HF config of each model, where ``<name>``
   is the lower-cased model id without its organisation (``meta-llama/Llama-2-7b-hf`` →
   ``llama-2-7b-hf``): the folder BLIS looks up beside ``defaults.yaml``.
-* ``MODEL_CARD.md`` — the human summary (``model_card.render``).
+* ``MODEL_CARD.md`` — the human summary (``model_card.render``), linking the plots.
+* ``plots/*.png`` — predicted vs measured step time, error by batch regime and the
+  calibration learning curve (``plots.release_plots``); the learning curve's points are
+  in the manifest (``plots``).
 
 The BLIS betas are the best projection of the release onto BLIS's 11-term basis:
 non-negative least squares on relative error of the basis columns onto the MODEL's
@@ -46,7 +49,7 @@ import yaml
 
 from blis_model.architecture import bundled_model_config
 from blis_model.dataset import BLIS_COLUMNS
-from blis_model.errors import ReleaseError
+from blis_model.errors import BlisModelError, ReleaseError
 from blis_model.experiment import Experiment
 from blis_model.features.blis_parity import ALPHA_NAMES, BETA_NAMES, BETA_UNITS, blis_step_time
 from blis_model.features.registry import REGISTRY, describe
@@ -288,7 +291,8 @@ def build_release(model: StepTimeModel, frame: pd.DataFrame, experiments: Sequen
                   family: str, base_version: str | None = None, *, version: str | None = None,
                   options: dict | None = None, created_at: dt.datetime | None = None,
                   alphas: Sequence[float] | None = None, alpha_source: str | None = None,
-                  request_level: Mapping[str, Any] | None = None) -> dict[str, bytes]:
+                  request_level: Mapping[str, Any] | None = None,
+                  with_plots: bool = True) -> dict[str, bytes]:
     """Every file of a release (relative path → bytes); see the module docstring.
 
     ``reports`` are the experiments' ``IngestReport`` (or their ``to_dict()``);
@@ -298,7 +302,7 @@ def build_release(model: StepTimeModel, frame: pd.DataFrame, experiments: Sequen
     defaults when request-level traces were fit; ``alpha_source`` says how (or why not).
     ``request_level`` (``request_level.release_block``: alpha fits pooled and per
     configuration, request validation per experiment) goes to the manifest, its alphas
-    to coefficients.json too.
+    to coefficients.json too. ``with_plots`` draws ``plots/*.png`` (about 1 s).
     """
     created = (created_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).replace(microsecond=0)
     version = version or new_version(created)
@@ -360,6 +364,9 @@ def build_release(model: StepTimeModel, frame: pd.DataFrame, experiments: Sequen
         **({"request_level": dict(request_level)} if request_level else {}),
         "files": {},
     }
+    if with_plots:
+        images, manifest["plots"] = _plots(model, frame, family)
+        files.update(images)
     from blis_model.model_card import render  # local: model_card imports this module
 
     coefficients = json.loads(files[COEFFICIENTS])
@@ -367,6 +374,26 @@ def build_release(model: StepTimeModel, frame: pd.DataFrame, experiments: Sequen
     manifest["files"] = {p: hashlib.sha256(b).hexdigest() for p, b in sorted(files.items())}
     files[MANIFEST] = dumps_json(manifest)
     return files
+
+
+def _plots(model: StepTimeModel, frame: pd.DataFrame, family: str
+           ) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The release's PNGs (``plots/<name>.png``) and their manifest block: file names and
+    the learning curve's points (MAPE % on the temporal holdout against training steps),
+    or why there is no learning curve."""
+    from blis_model import plots  # local: matplotlib is only needed to build releases
+
+    block: dict[str, Any] = {}
+    try:
+        learning = plots.learning_curve(frame, family)
+        block["learning_curve"] = learning
+    except (ValueError, ArithmeticError, np.linalg.LinAlgError, BlisModelError) as exc:
+        learning = None
+        block["learning_curve_skipped"] = f"{type(exc).__name__}: {exc}"
+    images = plots.release_plots(frame, np.asarray(model.predict(frame), dtype=np.float64),
+                                 learning)
+    block["files"] = sorted(images)
+    return images, block
 
 
 def release_version(files: Mapping[str, bytes]) -> str:

@@ -37,6 +37,7 @@ __all__ = [
     "check_reachable",
     "filesystem",
     "is_committed",
+    "is_permanent",
     "is_remote",
     "join",
     "publish_directory",
@@ -146,7 +147,8 @@ def storage_options_for(url: str, options: dict[str, Any] | None = None) -> dict
     environment (``BLIS_S3_ENDPOINT_URL``/``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
     ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``/``AWS_DEFAULT_REGION``).
     In both cases ``config_kwargs`` gets the default retries and timeouts for any setting
-    not given explicitly. Local paths and ``file://`` URLs get ``{}``.
+    not given explicitly (``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` override the default
+    retries). Local paths and ``file://`` URLs get ``{}``.
     """
     if not _is_s3(url):
         return {}
@@ -170,6 +172,10 @@ def storage_options_for(url: str, options: dict[str, Any] | None = None) -> dict
             if token:
                 opts["token"] = token
     config = dict(opts.get("config_kwargs") or {})
+    attempts = _env("AWS_MAX_ATTEMPTS")  # the AWS SDKs' own knob, honoured if set
+    if attempts and attempts.isdigit() and "retries" not in config:
+        config["retries"] = {"max_attempts": max(1, int(attempts)),
+                             "mode": _env("AWS_RETRY_MODE") or "standard"}
     for name, value in DEFAULT_S3_CONFIG.items():
         config.setdefault(name, copy.deepcopy(value))
     opts["config_kwargs"] = config
@@ -264,6 +270,19 @@ def _error_code(exc: BaseException) -> str | None:
             if status:
                 return str(status)
     return None
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True for a storage failure that retrying cannot fix: a missing bucket, denied
+    access (wrong credentials) or no credentials at all."""
+    code = _error_code(exc)
+    if code == "NoSuchBucket" or code in _DENIED_CODES:
+        return True
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        return False
+    return any(isinstance(e, NoCredentialsError | PartialCredentialsError) for e in _chain(exc))
 
 
 def _connection_problem(exc: BaseException) -> BaseException | None:

@@ -23,6 +23,7 @@ from flows.runtime import (
     ray_task_runner,
     set_prefect_server_env,
 )
+from tasks.artifacts import publish_artifacts
 from tasks.evaluate import (
     accuracy_report,
     choose_family,
@@ -32,7 +33,7 @@ from tasks.evaluate import (
 )
 from tasks.fit import fit_global, fit_specialist, has_specialists, load_base, merge_specialists
 from tasks.frame import training_frame
-from tasks.ingest import check_store, discover, featurize, select_training
+from tasks.ingest import check_store, discover, featurize, preflight, select_training
 from tasks.release import publish_release
 
 
@@ -41,7 +42,8 @@ def calibrate_corpus(corpus: str, store: str, family: str = AUTO_FAMILY,
                      default_hardware: str | None = None, base: str | None = None,
                      max_request_failure_rate: float | None = 0.05,
                      exclude_overloaded: bool = False) -> str:
-    """discover → featurize (one task per experiment) → fit (global, then one specialist per
+    """discover → featurize (one task per experiment; unchanged experiments come from the
+    feature cache under ``<store>/cache/``) → fit (global, then one specialist per
     configuration) → evaluate (one task per leave-one-out fold; request level: alphas and
     TTFT / ITL / E2E) → release. Returns its URL.
 
@@ -59,7 +61,7 @@ def calibrate_corpus(corpus: str, store: str, family: str = AUTO_FAMILY,
     # Discover the experiments and featurize each one on its own worker.
     names = discover(corpus)
     featurized = featurize.map(unmapped(corpus), names, unmapped(default_hardware),
-                               unmapped(settings))
+                               unmapped(settings), unmapped(store))
     everything = [f.result() for f in featurized]  # raises the first experiment's error
     items, excluded = select_training(everything, settings)
     usable = [i for i in items if len(i.frame)]
@@ -91,11 +93,14 @@ def calibrate_corpus(corpus: str, store: str, family: str = AUTO_FAMILY,
         pipeline.request_items(items), model, family, settings, excluded,
         pipeline.request_items(everything))
 
-    # Release: build the files and publish them, all or nothing.
-    return publish_release.submit(
+    # Release: build the files (plots included) and publish them, all or nothing; then
+    # show the model card, metrics table and plots as artifacts of this run.
+    url = publish_release.submit(
         model, frame, [i.experiment for i in items], [i.report for i in everything], corpus,
         store, evaluation, family, base_release.version if base_release else None,
         requests).result()
+    publish_artifacts(url)
+    return url
 
 
 @flow(name="calibrate")
@@ -111,6 +116,7 @@ def calibrate(corpus: str, store: str, family: str = AUTO_FAMILY,
         get_run_logger().warning(
             "the Ray cluster's workers cannot reach this machine's Prefect API %s: set "
             "PREFECT_API_URL to a Prefect server they can reach", redact(api_url))
+    preflight(corpus, store)  # a bad bucket or credentials: one clear error, no Ray started
     recipe = calibrate_corpus.with_options(task_runner=ray_task_runner(api_url, ray_address))
     return recipe(corpus, store, family, default_hardware, base, max_request_failure_rate,
                   exclude_overloaded)

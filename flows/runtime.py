@@ -94,7 +94,10 @@ def ray_init_kwargs(api_url: str | None, address: str | None = None,
         env["PREFECT_API_URL"] = api_url
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}}
     if address is None:
-        kwargs.update(num_cpus=num_cpus or local_cpus(), include_dashboard=False)
+        # "local": a Ray of our own, even when another one runs on this machine (without
+        # it ray.init joins the last cluster started here, e.g. someone else's).
+        kwargs.update(address="local", num_cpus=num_cpus or local_cpus(),
+                      include_dashboard=False)
     return kwargs
 
 

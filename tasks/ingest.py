@@ -9,17 +9,28 @@ from prefect.cache_policies import NO_CACHE
 
 from blis_model import pipeline
 from blis_model.experiment import load_experiment
+from blis_model.feature_cache import featurize_cached
 from blis_model.request_level import RequestSettings
 from blis_model.storage import check_reachable, redact
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
 
 MAX_PROBLEMS_LOGGED = 5
+CACHE_HIT = "reused from the feature cache"
 
 
 @task(name="check-store", cache_policy=NO_CACHE, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
 def check_store(store: str) -> None:
     """Fail early, before any work, when the release store cannot be written to."""
+    check_reachable(store)
+
+
+@task(name="preflight", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
+def preflight(corpus: str, store: str) -> None:
+    """Fail early — before starting Ray — when the corpus cannot be listed or the store
+    cannot be written to (missing bucket, wrong or missing credentials: not retried)."""
+    check_reachable(corpus)
     check_reachable(store)
 
 
@@ -36,16 +47,29 @@ def discover(corpus: str) -> list[str]:
 @task(name="featurize", task_run_name="featurize {name}", cache_policy=NO_CACHE,
       retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
 def featurize(corpus: str, name: str, default_hardware: str | None = None,
-              settings: RequestSettings | None = None) -> pipeline.Featurized:
+              settings: RequestSettings | None = None, store: str | None = None
+              ) -> pipeline.Featurized:
     """Load one experiment's configuration and stream its traces into its feature frame
     (with its request data when the traces have journey/API spans).
+
+    With ``store``, an experiment whose objects (and the code) are unchanged since it was
+    last featurized is read from the feature cache under ``<store>/cache/`` instead
+    (``feature_cache``), and a fresh featurization is added to it.
 
     A configuration problem (ConfigError naming experiment, file and key) or a request
     table failing validation (CorpusError) is not retried.
     """
     logger = get_run_logger()
-    item = pipeline.featurize(load_experiment(corpus, name, None, default_hardware), None,
-                              settings)
+    if store is None:
+        item = pipeline.featurize(load_experiment(corpus, name, None, default_hardware), None,
+                                  settings)
+    else:
+        item, cached = featurize_cached(corpus, name, store, default_hardware=default_hardware,
+                                        settings=settings)
+        if cached:
+            logger.info("%s: %s (unchanged objects) — %d steps", name, CACHE_HIT,
+                        len(item.frame))
+            return item
     exp, report = item.experiment, item.report
     c = report.counts
     logger.info("%s (%s, %s, TP%d): %d steps kept of %d traced; dropped %d duplicate and %d "

@@ -144,3 +144,46 @@ def test_only_failures_that_may_pass_next_time_are_retried():
     assert transient(None, None, Failed(data=StorageError("s3://b: cannot reach endpoint")))
     assert not transient(None, None, Failed(data=ConfigError("missing", key="model")))
     assert not transient(None, None, Failed(data=CorpusError("no experiments")))
+
+
+def featurize_logs_of_last(flow_name: str) -> dict[str, str]:
+    """Experiment → the featurize task's first log line, for the last run of ``flow_name``."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    runs = {r.id: r.name.split(" ", 1)[1] for r in task_runs_of_last(flow_name)
+            if r.name.startswith("featurize ")}
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=list(runs))))
+    out: dict[str, str] = {}
+    for log in sorted(logs, key=lambda x: x.timestamp):
+        out.setdefault(runs[log.task_run_id], log.message)
+    return out
+
+
+def test_unchanged_experiments_come_from_the_feature_cache(local_ray, tmp_path):
+    from tasks.ingest import CACHE_HIT
+
+    corpus, store = tmp_path / "corpus", tmp_path / "store"
+    for name in EXPERIMENTS[:2]:
+        shutil.copytree(CORPUS / name, corpus / name)
+    cache = store / "cache" / "features"
+
+    first = run_calibration(str(corpus), str(store), family="picf")
+    logs = featurize_logs_of_last("calibrate-corpus")
+    assert sorted(logs) == EXPERIMENTS[:2] and not any(CACHE_HIT in m for m in logs.values())
+    entries = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert len(entries) == 2
+
+    second = run_calibration(str(corpus), str(store), family="picf")
+    logs = featurize_logs_of_last("calibrate-corpus")
+    assert all(CACHE_HIT in logs[n] for n in EXPERIMENTS[:2])  # nothing re-read
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == entries
+    coefficients = [json.loads((Path(u) / COEFFICIENTS).read_text()) for u in (first, second)]
+    assert coefficients[0]["model"] == coefficients[1]["model"]
+
+    shutil.copytree(CORPUS / EXPERIMENTS[2], corpus / EXPERIMENTS[2])
+    run_calibration(str(corpus), str(store), family="picf")
+    logs = featurize_logs_of_last("calibrate-corpus")
+    assert [n for n in EXPERIMENTS[:3] if CACHE_HIT not in logs[n]] == [EXPERIMENTS[2]]
+    assert len(list(cache.iterdir())) == 3

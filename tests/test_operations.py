@@ -289,7 +289,9 @@ def test_an_experiment_still_uploading_waits_for_the_next_scan(tmp_path: Path) -
 
     from blis_model import uploads
 
-    shutil.copytree(SAMPLE / EXPERIMENTS[0], tmp_path / "traces" / "a")
+    # Fresh mtimes (copy, not copy2): the objects were "just uploaded".
+    shutil.copytree(SAMPLE / EXPERIMENTS[0], tmp_path / "traces" / "a",
+                    copy_function=shutil.copy)
     store, prefix = str(tmp_path / "store"), str(tmp_path / "traces")
     scanned = uploads.scan(prefix)
     ready, waiting = uploads.new_experiments(scanned, {}, settle_s=3600)

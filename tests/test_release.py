@@ -84,6 +84,8 @@ def test_published_release_has_every_file(files: dict[str, bytes], tmp_path: Pat
     assert folder.parent == tmp_path / "store" / "releases"
     expected = {"manifest.json", "coefficients.json", "defaults.yaml", "hardware_config.json",
                 "MODEL_CARD.md"} | {f"model_configs/{n}/config.json" for n in MODEL_CONFIG_NAMES}
+    expected |= {f"plots/{n}.png" for n in ("predicted_vs_measured", "error_by_regime",
+                                             "learning_curve")}
     assert _tree(folder) == expected
     for rel, data in files.items():
         assert (folder / rel).read_bytes() == data
