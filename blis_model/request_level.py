@@ -20,7 +20,13 @@ from blis_model.alphas import AlphaFit, alpha_errors, fit_alphas
 from blis_model.errors import ConfigError, CorpusError
 from blis_model.experiment import Experiment
 from blis_model.ingest.otlp import API_SCOPE, JOURNEY_SCOPE, Problem, iter_lines
-from blis_model.ingest.reconstruct import fill_compositions, reconstruct_steps
+from blis_model.ingest.reconstruct import (
+    ReconstructionReport,
+    compare_with_snapshots,
+    compare_with_summaries,
+    fill_compositions,
+    reconstruct_steps,
+)
 from blis_model.ingest.requests import (
     overload_indicators,
     read_request_table,
@@ -114,11 +120,25 @@ def load_requests(experiment: Experiment, steps: pa.Table, options: dict | None 
     if settings.max_request_failure_rate is not None:
         validation.check(settings.max_request_failure_rate)
     rebuilt, report = reconstruct_steps(requests, mnbt, block_size=experiment.server.block_size)
+    report.agreement = reconstruction_agreement(steps, rebuilt, report)
     # only a schedule rebuilt from journeys replaces the summary estimate (API-only traces
     # rebuild nothing)
     filled = fill_compositions(steps, rebuilt) if steps.num_rows and report.requests_used else steps
     return RequestData(experiment, filled, requests,
                        full_step_table(filled, rebuilt, experiment.name), validation, report)
+
+
+def reconstruction_agreement(steps: pa.Table, rebuilt: pa.Table,
+                             report: ReconstructionReport) -> dict[str, Any]:
+    """How the journey reconstruction agrees with the traced steps: per compared column,
+    exact-match share and relative error of the total, on the steps with snapshots
+    (``snapshots``, None without any) and on every traced step's batch-summary counts
+    (``summaries``, None without traced steps or without a rebuilt schedule)."""
+    if not steps.num_rows or not report.requests_used:
+        return {"snapshots": None, "summaries": None}
+    snap = compare_with_snapshots(steps, rebuilt)
+    return {"snapshots": snap if snap["steps"] else None,
+            "summaries": compare_with_summaries(steps, rebuilt)}
 
 
 def overload(data: RequestData, settings: RequestSettings) -> tuple[dict[str, float], bool]:
@@ -138,7 +158,8 @@ def data_report(data: RequestData, settings: RequestSettings) -> dict[str, Any]:
             "steps_reconstructed": int(sum(c == "journey" for c in comp)),
             "reconstruction": {"requests_used": rec.requests_used,
                                "requests_skipped": dict(rec.requests_skipped),
-                               "segments": rec.segments, "forced_chunks": rec.forced_chunks}}
+                               "segments": rec.segments, "forced_chunks": rec.forced_chunks,
+                               "agreement": rec.agreement}}
 
 
 # --------------------------------------------------------------------------- alphas
