@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from blis_model.errors import BlisModelError
+from blis_model.storage import StorageError
 
 if TYPE_CHECKING:
     from prefect_ray import RayTaskRunner
@@ -69,11 +70,12 @@ def set_prefect_server_env() -> None:
 
 
 class DomainErrorsWithoutTraceback(logging.Filter):
-    """Log a domain error (``BlisModelError``: bad configuration, empty corpus, ...) as its
-    one-line message: its traceback says nothing the user can act on."""
+    """Log a domain error (``BlisModelError``: bad configuration, empty corpus, ...) or a
+    storage error (missing bucket, wrong credentials, unreachable store) as its one-line
+    message: its traceback says nothing the user can act on."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], BlisModelError):
+        if record.exc_info and isinstance(record.exc_info[1], BlisModelError | StorageError):
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -16,6 +18,10 @@ from tasks.policy import RETRIES, RETRY_DELAYS, transient
 
 MAX_PROBLEMS_LOGGED = 5
 CACHE_HIT = "reused from the feature cache"
+#: FAULT INJECTION, for tests only (tests/test_faults.py): when this variable names a
+#: folder holding a file named after an experiment, the featurize task of that experiment
+#: deletes the file and kills its own process (a Ray worker dying mid-task), once.
+CRASH_ONCE_ENV = "BLIS_TEST_CRASH_ONCE_DIR"
 
 
 @task(name="check-store", cache_policy=NO_CACHE, retries=RETRIES,
@@ -59,6 +65,7 @@ def featurize(corpus: str, name: str, default_hardware: str | None = None,
     A configuration problem (ConfigError naming experiment, file and key) or a request
     table failing validation (CorpusError) is not retried.
     """
+    _crash_once_if_asked(name)
     logger = get_run_logger()
     if store is None:
         item = pipeline.featurize(load_experiment(corpus, name, None, default_hardware), None,
@@ -89,6 +96,18 @@ def featurize(corpus: str, name: str, default_hardware: str | None = None,
                     "rebuilt from journeys", name, v.n_requests, v.n_failed,
                     100 * v.failure_rate, rebuilt)
     return item
+
+
+def _crash_once_if_asked(name: str) -> None:
+    """The fault-injection hook of :data:`CRASH_ONCE_ENV` (a no-op unless it is set)."""
+    folder = os.environ.get(CRASH_ONCE_ENV)
+    if not folder:
+        return
+    try:
+        (Path(folder) / name).unlink()  # only one attempt can remove the marker
+    except FileNotFoundError:
+        return
+    os._exit(1)
 
 
 @task(name="select-training", cache_policy=NO_CACHE)
