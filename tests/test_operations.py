@@ -68,7 +68,7 @@ def ops(prefect_api: str, s3_server: Any) -> Iterator[Ops]:
                 os.environ[key] = value
 
 
-def poll(what: str, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+def poll(what: str, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = fn()
@@ -164,7 +164,7 @@ def test_upload_triggers_calibration_that_moves_candidate(ops: Ops, local_ray: N
         events = poll("the upload events", upload_events)
         assert sorted(e.resource["blis.experiment"] for e in events) == EXPERIMENTS
         # The automation turned every event into a run of the on-upload deployment.
-        runs = poll("the triggered runs", triggered_runs, timeout=60)
+        runs = poll("the triggered runs", triggered_runs, timeout=180)
     reasons = sorted(r.parameters["reason"] for r in runs)
     assert reasons == [f"upload of {name}" for name in EXPERIMENTS]
     assert {r.parameters["corpus"] for r in runs} == {s.watch_prefix}
