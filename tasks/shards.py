@@ -1,0 +1,91 @@
+"""Scale tasks: featurize one experiment into a shard, fit PICF from statistics, score
+one shard, sample rows for the release. Each returns small values (summaries, scores),
+never a corpus-sized frame, and reports its process's peak memory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from blis_model import feature_cache, shards
+from blis_model.experiment import Experiment, load_experiment
+from blis_model.models.picf import PICF
+from blis_model.request_level import RequestSettings
+from blis_model.storage import redact
+from tasks.policy import RETRIES, RETRY_DELAYS, transient
+
+
+def memory() -> dict[str, Any]:
+    """This process's id and peak resident memory (MB)."""
+    return {"pid": os.getpid(), "peak_rss_mb": shards.peak_rss_mb()}
+
+
+@task(name="featurize-to-shard", task_run_name="shard {name}", cache_policy=NO_CACHE,
+      retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
+def shard_experiment(corpus: str, name: str, work: str, default_hardware: str | None = None,
+                     settings: RequestSettings | None = None
+                     ) -> tuple[Experiment, shards.ShardSummary, dict[str, Any]]:
+    """(experiment, its shard summary, worker memory). The shard is keyed by
+    ``feature_cache.cache_key`` (object identities, settings, code): an unchanged
+    experiment's committed shard is reused, not featurized again."""
+    logger = get_run_logger()
+    experiment = load_experiment(corpus, name, None, default_hardware)
+    key = feature_cache.cache_key(corpus, name, None, default_hardware, settings)
+    url = shards.shard_url_for(work, key)
+    summary = shards.load_summary(url)
+    if summary is not None:
+        logger.info("%s: unchanged, shard %s reused (%d steps)", name, redact(url), summary.rows)
+    else:
+        summary = shards.featurize_to_shard(experiment, url, None, settings)
+        r = summary.report
+        logger.info("%s: %d steps featurized in %.1f s (%.1f MB read, %.1f MB uncompressed) "
+                    "into %s; worker peak RSS %.0f MB", name, summary.rows, summary.seconds,
+                    r.get("bytes_read", 0) / 1e6, r.get("bytes_uncompressed", 0) / 1e6,
+                    redact(url), summary.peak_rss_mb)
+    return experiment, summary, memory()
+
+
+@task(name="fit-from-stats", cache_policy=NO_CACHE)
+def fit_from_stats(summaries: Sequence[shards.ShardSummary], train: bool = False) -> PICF:
+    """PICF (global + per configuration) from the summed shard statistics."""
+    model = shards.fit_picf_from_stats(summaries, train=train)
+    get_run_logger().info("PICF fit from the statistics of %d shard(s) (%d steps%s)",
+                          len(summaries), sum(s.train_rows if train else s.rows
+                                              for s in summaries),
+                          ", temporal train parts" if train else "")
+    return model
+
+
+@task(name="validate-shard", task_run_name="validate {name}", cache_policy=NO_CACHE)
+def validate_shard(model: PICF, temporal_model: PICF,
+                   summaries: Sequence[shards.ShardSummary], name: str
+                   ) -> tuple[dict[str, dict[str, float] | None], dict[str, Any]]:
+    """In-sample, temporal-holdout and leave-one-experiment-out scores of one experiment,
+    from one read of its shard (the LOO fold is fit from the other configurations'
+    statistics)."""
+    scores = shards.validate_shard(model, temporal_model, summaries, name)
+    loo = scores["loo"]
+    if loo is not None:
+        get_run_logger().info("leave-one-out %s: MAPE %.1f%% (%d steps)", name, loo["mape"],
+                              loo["n"])
+    return scores, memory()
+
+
+@task(name="sample-rows", cache_policy=NO_CACHE)
+def sample_rows(summaries: Sequence[shards.ShardSummary], max_rows: int
+                ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A bounded, deterministic sample of steps across shards (evenly spaced by step id
+    within each shard, quotas proportional to its steps), for the release's BLIS
+    projection."""
+    quotas = shards.sample_quotas(summaries, max_rows)
+    parts = [shards.sample_shard(s, quotas[s.experiment]) for s in summaries
+             if quotas.get(s.experiment)]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    get_run_logger().info("sampled %d of %d steps for the release's BLIS projection",
+                          len(frame), sum(s.rows for s in summaries))
+    return frame, memory()
