@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from report import table  # benchmarks/report.py (scripts run from benchmarks/)
 
 from blis_model import pipeline
 from blis_model.dataset import temporal_split
@@ -39,17 +40,6 @@ from blis_model.models.registry import FAMILIES, make_model
 from blis_model.models.synthetic import synthetic_frame
 
 CALIBRATION_STEPS = (50, 100)
-
-
-def table(rows: list[dict], columns: Sequence[str]) -> str:
-    def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return "n/a" if np.isnan(v) else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def held_out_splits(frame: pd.DataFrame):

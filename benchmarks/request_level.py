@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from report import table  # benchmarks/report.py (scripts run from benchmarks/)
 
 from blis_model.alphas import AlphaFit, compare_alpha_fits
 from blis_model.experiment import load_experiment
@@ -61,17 +62,6 @@ from blis_model.request_accuracy import (
 from blis_model.synth import LinearStepTime, SynthConfig, SynthTruth, write_corpus
 
 TRAIN_FRACTION = 0.7
-
-
-def table(rows: list[dict], columns: Sequence[str]) -> str:
-    def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return "n/a" if np.isnan(v) else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ corpus

@@ -9,6 +9,7 @@ Prefect server.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -39,3 +40,17 @@ def local_ray(prefect_api: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def task_runs_of_last(flow_name: str) -> list[Any]:
+    """Task runs of the most recent run of ``flow_name`` on the session's Prefect server."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
+    from prefect.client.schemas.filters import FlowRunFilterId as RunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
+        assert runs, f"no run of {flow_name}"
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=RunId(any_=[runs[0].id])))

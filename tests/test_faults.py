@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flow_services import task_runs_of_last
 
 pytestmark = pytest.mark.services
 
@@ -84,20 +85,6 @@ def workers(prefect_api: str, s3_server: Any, tmp_path_factory: pytest.TempPathF
 
     crash = tmp_path_factory.mktemp("crash-once")
     return {**s3_server.env, CRASH_ONCE_ENV: str(crash)}, crash
-
-
-def task_runs_of_last(flow_name: str) -> list[Any]:
-    """Task runs of the most recent run of ``flow_name`` on the session's Prefect server."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
-    from prefect.client.schemas.filters import FlowRunFilterId as RunId
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
-                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
-        assert runs, f"no run of {flow_name}"
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=RunId(any_=[runs[0].id])))
 
 
 def coefficients(url: str) -> dict[str, Any]:

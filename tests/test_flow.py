@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from flow_services import task_runs_of_last
 
 from blis_model import pipeline
 from blis_model.errors import ConfigError
@@ -43,20 +44,6 @@ def assert_close(got: Any, want: Any, where: str = "") -> None:
             math.isnan(got) and math.isnan(want)), f"{where}: {got} != {want}"
     else:
         assert got == want, f"{where}: {got!r} != {want!r}"
-
-
-def task_runs_of_last(flow_name: str) -> list[Any]:
-    """Task runs of the most recent run of ``flow_name`` on the session's Prefect server."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
-    from prefect.client.schemas.filters import FlowRunFilterId as RunId
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
-                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
-        assert runs, f"no run of {flow_name}"
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=RunId(any_=[runs[0].id])))
 
 
 def in_process_release(corpus: str) -> dict[str, bytes]:
