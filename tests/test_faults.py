@@ -192,8 +192,12 @@ def restart(server: Any) -> Any:
     again = dataclasses.replace(server, process=process)
     deadline = time.monotonic() + 60
     while True:
-        try:
-            again.client().list_buckets()
+        try:  # ready = its objects read back (the volume server registers after the S3 API)
+            client = again.client()
+            for bucket in client.list_buckets().get("Buckets", []):
+                listing = client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1)
+                for obj in listing.get("Contents", []):
+                    client.get_object(Bucket=bucket["Name"], Key=obj["Key"])["Body"].read()
             return again
         except Exception:
             if time.monotonic() > deadline or process.poll() is not None:

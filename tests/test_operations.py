@@ -136,6 +136,7 @@ def test_upload_triggers_calibration_that_moves_candidate(ops: Ops, local_ray: N
         DeploymentFilter,
         DeploymentFilterId,
     )
+    from prefect.client.schemas.sorting import ArtifactSort
     from prefect.events.filters import EventFilter, EventNameFilter
 
     from flows.nightly import recalibrate
@@ -185,9 +186,11 @@ def test_upload_triggers_calibration_that_moves_candidate(ops: Ops, local_ray: N
     assert len(list_releases(s.store)) == 1
     assert channels.read_channel(s.store, "candidate").pointer == candidate
 
-    with get_client(sync_client=True) as client:
-        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(like_="blis-")))}
+    with get_client(sync_client=True) as client:  # the newest artifact of each key
+        artifacts: dict[str, Any] = {}
+        for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(like_="blis-")), sort=ArtifactSort.CREATED_DESC):
+            artifacts.setdefault(a.key, a)
     assert {"blis-model-card", "blis-metrics", "blis-plots"} <= set(artifacts)
     plots = str(artifacts["blis-plots"].data)
     assert plots.count("](data:image/png;base64,") == 3 and "learning curve" in plots
