@@ -21,7 +21,14 @@ from typing import Any
 from blis_model.errors import CorpusError
 from blis_model.experiment import EXP_CONFIG
 from blis_model.release_store import _store_root
-from blis_model.storage import filesystem, is_remote, join, redact, storage_errors
+from blis_model.storage import (
+    filesystem,
+    is_remote,
+    join,
+    redact,
+    storage_errors,
+    write_bytes_atomic,
+)
 
 STATE = "state/seen.json"
 
@@ -94,6 +101,22 @@ def _prefix_key(prefix: str) -> str:
     return redact(prefix if is_remote(prefix) else _store_root(prefix)).rstrip("/")
 
 
+def _read_state(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """A state object's JSON, fresh from the store ({} when missing or unreadable)."""
+    fs, path = filesystem(url, options)
+    with storage_errors(url, options):
+        fs.invalidate_cache(path)
+        try:
+            return json.loads(fs.cat_file(path))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+
+def _write_prefixes(url: str, prefixes: dict[str, Any], options: dict[str, Any] | None) -> None:
+    write_bytes_atomic(url, (json.dumps({"prefixes": prefixes}, indent=2) + "\n").encode(),
+                       options)
+
+
 def load_seen(store_url: str, prefix: str, options: dict[str, Any] | None = None
               ) -> dict[str, str]:
     """What was already reported under ``prefix``: experiment name → identity."""
@@ -118,22 +141,13 @@ def save_seen(store_url: str, prefix: str, seen: dict[str, Seen],
               options: dict[str, Any] | None = None) -> None:
     """Remember ``seen`` as the experiments reported under ``prefix`` (other prefixes'
     entries are kept)."""
-    from blis_model.storage import write_bytes_atomic
-
     url = state_url(store_url)
-    fs, path = filesystem(url, options)
-    with storage_errors(url, options):
-        fs.invalidate_cache(path)
-        try:
-            state = json.loads(fs.cat_file(path))
-        except (FileNotFoundError, json.JSONDecodeError):
-            state = {}
+    state = _read_state(url, options)
     prefixes = dict(state.get("prefixes") or {})
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     prefixes[_prefix_key(prefix)] = {name: {**s.to_dict(), "seen_at": now}
                                      for name, s in sorted(seen.items())}
-    body = (json.dumps({"prefixes": prefixes}, indent=2) + "\n").encode()
-    write_bytes_atomic(url, body, options)
+    _write_prefixes(url, prefixes, options)
 
 
 def new_experiments(scanned: dict[str, Seen], seen: dict[str, str], settle_s: float = 0.0,
@@ -161,34 +175,17 @@ def corpus_identity(scanned: dict[str, Seen]) -> str:
 def last_calibrated(store_url: str, prefix: str, options: dict[str, Any] | None = None
                     ) -> dict[str, str]:
     """``{"identity", "version"}`` of the last release calibrated on ``prefix`` ({} if none)."""
-    url = join(_store_root(store_url), CALIBRATED)
-    fs, path = filesystem(url, options)
-    with storage_errors(url, options):
-        fs.invalidate_cache(path)
-        try:
-            state = json.loads(fs.cat_file(path))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+    state = _read_state(join(_store_root(store_url), CALIBRATED), options)
     return dict((state.get("prefixes") or {}).get(_prefix_key(prefix)) or {})
 
 
 def mark_calibrated(store_url: str, prefix: str, identity: str, version: str,
                     options: dict[str, Any] | None = None) -> None:
     """Remember that release ``version`` was calibrated on ``prefix`` as it was then."""
-    from blis_model.storage import write_bytes_atomic
-
     url = join(_store_root(store_url), CALIBRATED)
-    fs, path = filesystem(url, options)
-    with storage_errors(url, options):
-        fs.invalidate_cache(path)
-        try:
-            state = json.loads(fs.cat_file(path))
-        except (FileNotFoundError, json.JSONDecodeError):
-            state = {}
-    prefixes = dict(state.get("prefixes") or {})
+    prefixes = dict(_read_state(url, options).get("prefixes") or {})
     prefixes[_prefix_key(prefix)] = {"identity": identity, "version": version}
-    write_bytes_atomic(url, (json.dumps({"prefixes": prefixes}, indent=2) + "\n").encode(),
-                       options)
+    _write_prefixes(url, prefixes, options)
 
 
 __all__ = ["CALIBRATED", "STATE", "Seen", "corpus_identity", "last_calibrated", "load_seen",

@@ -201,3 +201,16 @@ def write_corpus(root: Path, specs: dict[str, ExperimentSpec]) -> Path:
     for name, spec in specs.items():
         write_experiment(root, name, spec)
     return root
+
+
+SAMPLE_CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
+
+
+def upload_sample(server: Any, bucket: str, prefix: str, names: Sequence[str]) -> None:
+    """Upload experiments of the real sample corpus to ``s3://bucket/prefix/<name>/``."""
+    client = server.client()
+    for name in names:
+        for path in (SAMPLE_CORPUS / name).rglob("*"):
+            if path.is_file():
+                key = f"{prefix}/{name}/{path.relative_to(SAMPLE_CORPUS / name).as_posix()}"
+                client.upload_file(str(path), bucket, key)

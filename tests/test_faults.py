@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import upload_sample
 from flow_services import task_runs_of_last
 
 pytestmark = pytest.mark.services
@@ -125,15 +126,6 @@ def clean_model(corpus: str, family: str) -> dict[str, Any]:
     return json.loads(dumps_json(model.to_dict()))
 
 
-def upload(server: Any, bucket: str, prefix: str, names: list[str]) -> None:
-    client = server.client()
-    for name in names:
-        for path in (SAMPLE / name).rglob("*"):
-            if path.is_file():
-                key = f"{prefix}/{name}/{path.relative_to(SAMPLE / name).as_posix()}"
-                client.upload_file(str(path), bucket, key)
-
-
 def test_corrupt_trace_objects_are_skipped_and_reported(
         local_ray: None, prefect_api: str, s3_server: Any, s3_env: dict[str, str],
         workers: tuple[dict[str, str], Path]) -> None:
@@ -147,7 +139,7 @@ def test_corrupt_trace_objects_are_skipped_and_reported(
 
     bucket = s3_server.make_bucket()
     corpus, store = f"s3://{bucket}/traces", f"s3://{bucket}/store"
-    upload(s3_server, bucket, "traces", EXPERIMENTS)
+    upload_sample(s3_server, bucket, "traces", EXPERIMENTS)
     half, garbage = EXPERIMENTS[1], EXPERIMENTS[2]
     raw = (SAMPLE / half / "traces.json.gz").read_bytes()
     client = s3_server.client()
@@ -249,7 +241,7 @@ def test_store_unreachable_mid_run_fails_cleanly_and_a_rerun_succeeds(
             monkeypatch.setenv(name, value)
         bucket = server.make_bucket()
         corpus, store = f"s3://{bucket}/traces", f"s3://{bucket}/store"
-        upload(server, bucket, "traces", EXPERIMENTS[:2])
+        upload_sample(server, bucket, "traces", EXPERIMENTS[:2])
         # The channels point at an earlier release.
         items = [pipeline.featurize(e) for e in pipeline.load_experiments(str(SAMPLE))[:1]]
         frame = pipeline.training_frame(items)

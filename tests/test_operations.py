@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import upload_sample
 
 from blis_model import channels, pipeline
 from blis_model.release import build_release, release_version
@@ -34,15 +35,6 @@ class Ops:
     settings: Settings
     deployment_ids: dict[str, Any]
     env: dict[str, str]
-
-
-def upload(server: Any, bucket: str, prefix: str, names: list[str]) -> None:
-    client = server.client()
-    for name in names:
-        for path in (SAMPLE / name).rglob("*"):
-            if path.is_file():
-                key = f"{prefix}/{name}/{path.relative_to(SAMPLE / name).as_posix()}"
-                client.upload_file(str(path), bucket, key)
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +135,10 @@ def test_upload_triggers_calibration_that_moves_candidate(ops: Ops, local_ray: N
     from flows.watch import watch_uploads
 
     s = ops.settings
-    upload(s3_server, ops.bucket, "traces", EXPERIMENTS[:3])
+    upload_sample(s3_server, ops.bucket, "traces", EXPERIMENTS[:3])
     assert watch_uploads(s.watch_prefix, s.store, settle_s=0) == EXPERIMENTS[:3]
     assert watch_uploads(s.watch_prefix, s.store, settle_s=0) == []  # remembered
-    upload(s3_server, ops.bucket, "traces", EXPERIMENTS[3:])
+    upload_sample(s3_server, ops.bucket, "traces", EXPERIMENTS[3:])
     assert watch_uploads(s.watch_prefix, s.store, settle_s=0) == EXPERIMENTS[3:]
 
     on_upload = ops.deployment_ids["recalibrate/on-upload"]
@@ -239,7 +231,7 @@ def test_promote_from_the_ui_form_gates_and_rollback_restores(
     good, bad = (release_version(f) for f in two_releases)
     for files in two_releases:
         publish(files, store, release_version(files))
-    upload(s3_server, ops.bucket, "golden", EXPERIMENTS)
+    upload_sample(s3_server, ops.bucket, "golden", EXPERIMENTS)
     deployment = ops.deployment_ids["promote/promote"]
 
     def from_form(version: str) -> Any:

@@ -26,11 +26,10 @@ from blis_model.models.linear import (
     CHUNK_ROWS,
     columns_fn,
     config_groups,
-    nonneg_quadratic,
     relative_stats,
     spd_inverse,
 )
-from blis_model.models.solvers import RelativeGram
+from blis_model.models.solvers import RelativeGram, nonneg_quadratic
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,10 @@ from blis_model.models.linear import (
     columns_fn,
     config_groups,
     linear_predict,
-    nonneg_quadratic,
     relative_stats,
     spd_inverse,
 )
+from blis_model.models.solvers import nonneg_quadratic
 
 PRECISION_UNIT = "1 / (relative error)²"
 

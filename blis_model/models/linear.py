@@ -1,5 +1,5 @@
 """Linear-algebra helpers shared by the families: chunked relative-error statistics,
-column-wise prediction, a non-negative quadratic solver and per-configuration grouping.
+column-wise prediction and per-configuration grouping.
 
 Everything here is linear in rows: statistics are accumulated over row chunks (memory
 O(chunk · p)), predictions are accumulated column by column (memory O(rows)).
@@ -11,8 +11,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.linalg import cho_factor, cho_solve, cholesky
-from scipy.optimize import nnls
+from scipy.linalg import cho_factor, cho_solve
 
 from blis_model.models.solvers import RelativeGram
 
@@ -68,29 +67,6 @@ def linear_predict(X: pd.DataFrame, names: Sequence[str], beta: np.ndarray,
             col = X[name].to_numpy(dtype=np.float64)
             out += b * (col if idx is None else col[idx])
     return out
-
-
-def nonneg_quadratic(H: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """argmin_{β ≥ 0} ½βᵀHβ − cᵀβ for symmetric positive (semi)definite ``H``.
-
-    Diagonal scaling + Cholesky turn it into a non-negative least-squares problem.
-    """
-    d = np.sqrt(np.maximum(np.diag(H), 1e-300))
-    Hn = H / np.outer(d, d)
-    cn = c / d
-    jitter = 1e-10 * max(np.trace(Hn) / max(len(c), 1), 1e-12)
-    R = None
-    for _ in range(10):
-        try:
-            R = cholesky(Hn + jitter * np.eye(len(c)), lower=False)
-            break
-        except np.linalg.LinAlgError:
-            jitter *= 100
-    if R is None:  # pragma: no cover - only with non-finite input
-        raise np.linalg.LinAlgError("quadratic form is not positive semidefinite")
-    z = np.linalg.solve(R.T, cn)
-    bn, _ = nnls(R, z, maxiter=50 * len(c) + 1000)
-    return bn / d
 
 
 def spd_inverse(H: np.ndarray) -> np.ndarray:

@@ -49,7 +49,6 @@ def nonneg_ridge(stats: RelativeGram, prior: np.ndarray, penalty: np.ndarray) ->
     ``penalty`` is in pseudo-observations (scale-free): 0 leaves a coefficient free.
     Columns that are identically zero get their prior (nothing in the data speaks).
     """
-    p = len(prior)
     scale = stats.column_scale
     active = scale > 0
     beta = np.asarray(prior, dtype=np.float64).copy()
@@ -59,19 +58,32 @@ def nonneg_ridge(stats: RelativeGram, prior: np.ndarray, penalty: np.ndarray) ->
     pen = np.asarray(penalty, dtype=np.float64)[idx] * scale[idx] ** 2
     G = stats.gram[np.ix_(idx, idx)] + np.diag(pen)
     c = stats.moment[idx] + pen * beta[idx]
-    # normalise columns to unit scale for conditioning, then Cholesky → NNLS
-    s = scale[idx]
-    Gn = G / np.outer(s, s)
-    cn = c / s
-    jitter = 1e-10 * max(np.trace(Gn) / len(idx), 1e-12)
-    for _ in range(8):
+    # same minimiser as βᵀGβ − 2cᵀβ; columns normalised to unit RMS for conditioning
+    beta[idx] = nonneg_quadratic(G, c, scale[idx])
+    beta[~active] = np.maximum(beta[~active], 0.0)
+    return beta
+
+
+def nonneg_quadratic(H: np.ndarray, c: np.ndarray, scale: np.ndarray | None = None
+                     ) -> np.ndarray:
+    """argmin_{β ≥ 0} ½βᵀHβ − cᵀβ for symmetric positive (semi)definite ``H``.
+
+    Scaling the variables (by ``scale``, default √diag H) + Cholesky turn it into a
+    well-conditioned non-negative least-squares problem.
+    """
+    d = np.sqrt(np.maximum(np.diag(H), 1e-300)) if scale is None else scale
+    Hn = H / np.outer(d, d)
+    cn = c / d
+    jitter = 1e-10 * max(np.trace(Hn) / max(len(c), 1), 1e-12)
+    R = None
+    for _ in range(10):
         try:
-            R = cholesky(Gn + jitter * np.eye(len(idx)), lower=False)
+            R = cholesky(Hn + jitter * np.eye(len(c)), lower=False)
             break
         except np.linalg.LinAlgError:
             jitter *= 100
+    if R is None:  # pragma: no cover - only with non-finite input
+        raise np.linalg.LinAlgError("quadratic form is not positive semidefinite")
     z = np.linalg.solve(R.T, cn)
-    bn, _ = nnls(R, z, maxiter=50 * p + 1000)
-    beta[idx] = bn / s
-    beta[~active] = np.maximum(beta[~active], 0.0)
-    return beta
+    bn, _ = nnls(R, z, maxiter=50 * len(c) + 1000)
+    return bn / d
