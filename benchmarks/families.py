@@ -129,6 +129,8 @@ def report_real(frame: pd.DataFrame, families: Sequence[str]) -> None:
         print(table(rows, ["boundary", "steps_near", "soft_median_pct", "soft_max_pct",
                            "hard_median_pct", "hard_max_pct"]) + "\n")
 
+    report_noise_floor(frame)
+
     rows = []
     for family in ("bsr_ard", "hybrid"):
         if family not in families:
@@ -146,6 +148,38 @@ def report_real(frame: pd.DataFrame, families: Sequence[str]) -> None:
         print("### z-score transfer check on the first 50 target steps\n")
         print(table(rows, ["family", "held out", "mean z", "frac |z|>3", "limit", "passed",
                            "zero-shot MAPE %"]) + "\n")
+
+
+def report_noise_floor(frame: pd.DataFrame, family: str = "overlap") -> None:
+    """How low temporal MAPE can go on this data: ``family`` (one coefficient set per
+    experiment) fitted ON each experiment's temporal test part itself, against the real
+    temporal holdout. What in-sample fitting cannot explain is measurement noise and
+    drift, not a missing feature; flexible learners on the raw batch composition are
+    shown for reference."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    train, test = temporal_split(frame)
+    temporal = make_model(family).fit(train)
+    raw = ["pf_tokens", "pf_tokens_sq", "pf_ctx_tokens", "pf_count", "pf_sampling",
+           "dc_count", "dc_ctx_sum", "dc_ctx_max"]
+    rows = []
+    for name in sorted(frame["experiment"].unique()):
+        fit, held = train[train["experiment"] == name], test[test["experiment"] == name]
+        y = held["duration_us"].to_numpy()
+        oracle = make_model(family, per_config=False).fit(held)
+        forest = RandomForestRegressor(300, min_samples_leaf=2, random_state=0)
+        forest.fit(np.log1p(fit[raw]), np.log(fit["duration_us"]))
+        rows.append({"experiment": name,
+                     "temporal MAPE %": summary(temporal.predict(held), y)["mape"],
+                     "fit ON the test part (floor) %": summary(oracle.predict(held), y)["mape"],
+                     "random forest, temporal %": summary(
+                         np.exp(forest.predict(np.log1p(held[raw]))), y)["mape"]})
+    cols = ["experiment", "temporal MAPE %", "fit ON the test part (floor) %",
+            "random forest, temporal %"]
+    rows.append({"experiment": "mean", **{c: float(np.mean([r[c] for r in rows]))
+                                          for c in cols[1:]}})
+    print(f"### Noise floor of the temporal split ({family})\n")
+    print(table(rows, cols) + "\n")
 
 
 def report_scale(n_rows: int, families: Sequence[str]) -> None:

@@ -106,3 +106,38 @@ def test_every_feature_is_documented_and_non_negative() -> None:
         assert REGISTRY[name].description and REGISTRY[name].unit
     empty = compute(PHYSICS_FEATURES, step(), ctx(LLAMA2))
     assert empty[0, list(PHYSICS_FEATURES).index("prefill_attention_us")] == 0.0
+
+
+def test_gemm_roofline_is_the_longer_side_and_the_ridge_the_shorter() -> None:
+    """Dense model: one intensity group, so roofline + ridge == compute + weight read,
+    and the side that wins flips at tokens ≈ peak / bandwidth (bf16: ~295 on an H100)."""
+    context = ctx(LLAMA2)
+    for tokens in (1.0, 100.0, 295.0, 300.0, 4096.0):
+        s = step(dc_count=tokens, dc_ctx_sum=tokens * 100)
+        compute_us = feature("gemm_compute_us", s, context)
+        read_us = feature("weight_read_us", s, context)
+        assert feature("gemm_roofline_us", s, context) == pytest.approx(max(compute_us, read_us))
+        assert feature("gemm_ridge_us", s, context) == pytest.approx(min(compute_us, read_us))
+    small, large = step(dc_count=10, dc_ctx_sum=10), step(pf_count=1, pf_tokens=4096)
+    assert feature("gemm_roofline_us", small, context) == pytest.approx(
+        feature("weight_read_us", small, context))
+    assert feature("gemm_roofline_us", large, context) == pytest.approx(
+        feature("gemm_compute_us", large, context))
+
+
+def test_moe_roofline_splits_dense_weights_and_routed_experts() -> None:
+    """Mixtral at 1 token: dense weights and the 2 active experts are both read-bound."""
+    context = ctx(MIXTRAL)
+    attn = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2)
+    expert = 32 * 3 * 4096 * 14336
+    one = step(dc_count=1, dc_ctx_sum=10)
+    read = (attn * 2 + 2 * expert * 2) / 3.35e6
+    compute_us = (2 * attn + 2 * 2 * expert) / (989.5 * 1e6)
+    assert feature("gemm_roofline_us", one, context) == pytest.approx(read)
+    assert feature("gemm_ridge_us", one, context) == pytest.approx(compute_us)
+
+
+def test_layer_kernels_count_launches_by_layer_type_and_tp() -> None:
+    assert feature("layer_kernels", MIXED, ctx(LLAMA2)) == 32 * 10
+    assert feature("layer_kernels", MIXED, ctx(MIXTRAL)) == 32 * 14
+    assert feature("layer_kernels", MIXED, ctx(LLAMA2, tp=2)) == 32 * 12

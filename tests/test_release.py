@@ -208,7 +208,7 @@ def test_model_card_has_metric_tables_coefficients_and_projection(files: dict[st
     assert card.count("| experiment | MAPE | median APE | p90 APE | steps |") == 3
     for exp in manifest["experiments"]:
         assert exp["name"] in card
-    assert "gemm_compute_us" in card and "µs per layer" in card and "T_pf_compute" in card
+    assert "gemm_roofline_us" in card and "µs per kernel launch" in card and "T_pf_compute" in card
 
 
 def test_load_release_refuses_missing_or_tampered_releases(files: dict[str, bytes],

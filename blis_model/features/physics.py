@@ -126,10 +126,71 @@ def tp_allreduce_us(steps: Columns, ctx: FeatureContext) -> np.ndarray:
     return bytes_ / ctx.hardware.interconnect_bytes_per_us
 
 
+def _gemm_groups(steps: Columns, ctx: FeatureContext) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(compute µs, weight-read µs) of each group of the decoder layers' GEMMs that share
+    one arithmetic intensity: dense (attention projections, dense FFN, shared experts:
+    every weight serves every token) and routed experts (each token uses k of them, the
+    expected distinct ones are read). FLOPs over the tensor-core peak (FP8 for 1-byte
+    weights), quantized weight bytes over HBM bandwidth."""
+    a = ctx.arch
+    tokens = step_tokens(steps)
+    peak, bw = _peak(ctx), ctx.hardware.hbm_bytes_per_us
+    dense = (a.num_layers * a.attention_params_per_layer
+             + a.num_dense_layers * a.dense_ffn_params_per_layer
+             + a.num_moe_layers * a.shared_expert_params) / ctx.tp
+    groups = [(2.0 * tokens * dense / peak,
+               np.where(tokens > 0, dense * a.weight_bytes_per_param / bw, 0.0))]
+    if a.num_moe_layers:
+        expert = a.num_moe_layers * a.expert_params / ctx.tp
+        read = expected_active_experts(tokens, a.num_experts, a.experts_per_token)
+        groups.append((2.0 * tokens * a.experts_per_token * expert / peak,
+                       read * expert * a.weight_bytes_per_param / bw))
+    return groups
+
+
+@feature("gemm_roofline_us", "µs", "correction")
+def gemm_roofline_us(steps: Columns, ctx: FeatureContext) -> np.ndarray:
+    """Roofline time of the step's GEMMs: for each group of equal arithmetic intensity
+    (dense weights, routed experts), the LONGER of its FLOPs over the tensor-core peak
+    and its weight bytes over HBM bandwidth, summed over the groups, µs. Replaces the
+    sum of ``gemm_compute_us`` and ``weight_read_us``, which double-counts near the
+    ridge (tokens ≈ peak/bandwidth) where a GEMM streams weights while it computes."""
+    return sum(np.maximum(c, m) for c, m in _gemm_groups(steps, ctx))
+
+
+@feature("gemm_ridge_us", "µs", "correction")
+def gemm_ridge_us(steps: Columns, ctx: FeatureContext) -> np.ndarray:
+    """The SHORTER of each GEMM group's compute and weight-read time, summed, µs: what a
+    real GEMM fails to hide near the roofline's ridge (coefficient 0 = perfect overlap,
+    1 = no overlap; largest when FLOPs and bytes take equally long)."""
+    return sum(np.minimum(c, m) for c, m in _gemm_groups(steps, ctx))
+
+
 @feature("layer_overhead", "layer", "overhead")
 def layer_overhead(steps: Columns, ctx: FeatureContext) -> np.ndarray:
     """Number of layers: per-layer fixed cost (kernel launches, small-kernel tails)."""
     return np.full(len(step_tokens(steps)), float(ctx.arch.num_layers))
+
+
+# Kernels a decoder layer launches in vLLM (fused kernels), the unit of host launch cost.
+DENSE_LAYER_KERNELS = 10  # add+RMSNorm ×2, QKV, rotary, KV-cache write, attention, O,
+#                           gate_up, SiLU·mul, down
+MOE_LAYER_KERNELS = 14  # the 7 non-FFN kernels + router GEMM, top-k softmax, expert
+#                         alignment, grouped GEMM ×2, SiLU·mul, weighted sum of experts
+SHARED_EXPERT_KERNELS = 3  # gate_up, SiLU·mul, down of a shared expert
+TP_LAYER_KERNELS = 2  # all-reduce after attention and after the FFN when TP > 1
+
+
+@feature("layer_kernels", "kernel launch", "overhead")
+def layer_kernels(steps: Columns, ctx: FeatureContext) -> np.ndarray:
+    """Kernel launches of the decoder layers per step: 10 per dense layer, 14 per MoE
+    layer (+3 with a shared expert), +2 all-reduces per layer when TP > 1. Its
+    coefficient — host µs per launch — learned on dense models carries to MoE ones."""
+    a = ctx.arch
+    moe = MOE_LAYER_KERNELS + (SHARED_EXPERT_KERNELS if a.shared_expert_params else 0)
+    per_step = (a.num_dense_layers * DENSE_LAYER_KERNELS + a.num_moe_layers * moe
+                + (a.num_layers * TP_LAYER_KERNELS if ctx.tp > 1 else 0))
+    return np.full(len(step_tokens(steps)), float(per_step))
 
 
 @feature("moe_layer_overhead", "MoE layer", "overhead")
@@ -190,10 +251,11 @@ def prefill_attention_tail_us(steps: Columns, ctx: FeatureContext) -> np.ndarray
 
 
 PHYSICS_FEATURES: tuple[str, ...] = (
-    "gemm_compute_us", "weight_read_us", "prefill_attention_us", "decode_attention_us",
+    "gemm_roofline_us", "gemm_ridge_us", "prefill_attention_us", "decode_attention_us",
     "mixed_decode_attention_us", "decode_attention_tail_us", "lm_head_us", "activation_io_us",
-    "tp_allreduce_us", "layer_overhead", "moe_layer_overhead", "request_overhead",
+    "tp_allreduce_us", "layer_kernels", "moe_layer_overhead", "request_overhead",
     "step_overhead",
 )
-"""The PICF feature set (order = coefficient order). ``prefill_attention_tail_us`` stays
-registered as a candidate for ARD but is not in the default set."""
+"""The default feature set of every family (order = coefficient order).
+``gemm_compute_us`` / ``weight_read_us`` (the additive GEMM model), ``layer_overhead``
+and ``prefill_attention_tail_us`` stay registered as ARD candidates."""

@@ -57,7 +57,7 @@ class Overlap(ConfigCoefficientSets):
     def __init__(self, gpu_features: Sequence[str] = DEFAULT_GPU,
                  cpu_features: Sequence[str] = DEFAULT_CPU, power: float = 3.0,
                  ridge: float = 0.1, per_config: bool = True,
-                 config_prior_steps: float = 50.0, max_iterations: int = 200) -> None:
+                 config_prior_steps: float = 20.0, max_iterations: int = 200) -> None:
         self.gpu_features = gpu_features
         self.cpu_features = cpu_features
         self.power = power

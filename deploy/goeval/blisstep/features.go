@@ -41,6 +41,9 @@ const (
 	fKVBlocks
 	fTokenOverhead
 	fPrefillStep
+	fGemmRoofline
+	fGemmRidge
+	fLayerKernels
 	numFeatures
 )
 
@@ -54,6 +57,7 @@ var FeatureNames = [numFeatures]string{
 	"decode_attention_compute_us", "decode_ctx_max_us", "prefill_kv_write_us", "kv_usage",
 	"kv_pressure", "preemptions", "recomputed_requests", "queue_waiting", "prefill_requests",
 	"decode_requests", "sampled_sequences", "kv_blocks", "token_overhead", "prefill_step",
+	"gemm_roofline_us", "gemm_ridge_us", "layer_kernels",
 }
 
 // correction features are physical µs estimates (prior coefficient 1); the rest are
@@ -63,7 +67,7 @@ var isCorrection = [numFeatures]bool{
 	fMixedDecodeAttention: true, fDecodeAttentionTail: true, fPrefillAttentionTail: true,
 	fLMHead: true, fActivationIO: true, fTPAllreduce: true, fTPComm: true, fCPUOffload: true,
 	fMoEDispatch: true, fPrefillAttentionFullPrompt: true, fDecodeAttentionCompute: true,
-	fDecodeCtxMax: true, fPrefillKVWrite: true,
+	fDecodeCtxMax: true, fPrefillKVWrite: true, fGemmRoofline: true, fGemmRidge: true,
 }
 
 var featureIDs = func() map[string]int {
@@ -119,7 +123,17 @@ type featureContext struct {
 	moeDispatchScale                 float64
 	tpLinkShare                      float64 // (TP−1)/TP
 	hidden                           float64
+	denseParams, routedParams        float64 // per GPU: dense weights, one expert × MoE layers
+	layerKernels                     float64
 }
+
+// Kernel launches of a decoder layer (physics.py: DENSE_LAYER_KERNELS, ...).
+const (
+	denseLayerKernels   = 10
+	moeLayerKernels     = 14
+	sharedExpertKernels = 3
+	tpLayerKernels      = 2
+)
 
 func newFeatureContext(a Arch, hw Hardware, tp int) featureContext {
 	c := featureContext{arch: a, hw: hw, tp: tp}
@@ -156,6 +170,18 @@ func newFeatureContext(a Arch, hw Hardware, tp int) featureContext {
 	c.kvBytesPerToken = c.layers * 2.0 * (float64(a.KVDim()) / tpf) * kvBytesPerElement
 	c.moeDispatchScale = 2.0 * c.moeLayers
 	c.tpLinkShare = float64(tp-1) / tpf
+	c.denseParams = float64(a.NumLayers*a.AttentionParamsPerLayer()+
+		a.NumDenseLayers()*a.DenseFFNParamsPerLayer()+a.NumMoELayers*a.SharedExpertParams()) / tpf
+	c.routedParams = float64(a.NumMoELayers*a.ExpertParams()) / tpf
+	moe := moeLayerKernels
+	if a.SharedExpertParams() > 0 {
+		moe += sharedExpertKernels
+	}
+	kernels := a.NumDenseLayers()*denseLayerKernels + a.NumMoELayers*moe
+	if tp > 1 {
+		kernels += a.NumLayers * tpLayerKernels
+	}
+	c.layerKernels = float64(kernels)
 	return c
 }
 
@@ -230,6 +256,21 @@ func (c *featureContext) compute(g *Aggregates, f *Features) {
 	f[fKVBlocks] = clip0(g.BlocksAllocated)
 	f[fTokenOverhead] = tokens
 	f[fPrefillStep] = indicator(g.PfTokens > 0)
+	// roofline of the layers' GEMMs: per intensity group, max / min of compute and read
+	denseCompute := 2.0 * tokens * c.denseParams / c.peak
+	denseRead := 0.0
+	if tokens > 0 {
+		denseRead = c.denseParams * c.weightScale / c.hbm
+	}
+	f[fGemmRoofline] = math.Max(denseCompute, denseRead)
+	f[fGemmRidge] = math.Min(denseCompute, denseRead)
+	if c.arch.NumMoELayers > 0 {
+		expertCompute := 2.0 * tokens * c.topK * c.routedParams / c.peak
+		expertRead := activeExperts * c.routedParams * c.weightScale / c.hbm
+		f[fGemmRoofline] += math.Max(expertCompute, expertRead)
+		f[fGemmRidge] += math.Min(expertCompute, expertRead)
+	}
+	f[fLayerKernels] = c.layerKernels
 }
 
 // constants are the per-deployment numbers of dataset.experiment_constants (RECE's
