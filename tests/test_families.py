@@ -100,7 +100,9 @@ ALL = sorted(FAMILIES)
 # -- recovery of known coefficients ----------------------------------------------------
 def test_mole_rd_recovers_per_regime_coefficients() -> None:
     frame = steps(12000, "a", 0)
-    model = MoLERD(features=FEATURES, gate_width=0.0, regime_prior_steps=1.0, per_config=False)
+    # the rules that labelled the data (fixed launch floor: nothing is launch-bound)
+    model = MoLERD(features=FEATURES, gate_width=0.0, regime_prior_steps=1.0, per_config=False,
+                   learn_launch_floor=False)
     frame = label(frame, BETA, 1, regimes=model.regimes(frame))
     model.fit(frame)
     counts = model.regime_steps_
@@ -111,6 +113,30 @@ def test_mole_rd_recovers_per_regime_coefficients() -> None:
             np.testing.assert_allclose(model.regime_coef_[k], REGIME_BETA[k], rtol=0.06)
     # the empty regime is exactly the global fit
     np.testing.assert_allclose(model.regime_coef_[REGIMES.index("launch_bound")], model.coef_)
+
+
+def test_mole_rd_learns_its_launch_floor_from_the_host_cost_it_fits() -> None:
+    """Host cost 6 ms per step: steps whose roofline GPU time is below it are routed to the
+    launch-bound expert once fitted (the fixed 1.4 ms default floor sees none), the floor
+    is stored in the release, and a release without one keeps the fixed rule."""
+    frame = steps(3000, "a", 0, compute_bound=False)
+    frame = label(frame, np.array([1.0, 1.0, 1.0, 6000.0]), 1)
+    fixed = MoLERD(features=FEATURES, learn_launch_floor=False).fit(frame)
+    learned = MoLERD(features=FEATURES).fit(frame)
+    assert fixed.regime_steps_["launch_bound"] == 0
+    assert learned.launch_coef_["step_overhead"] == pytest.approx(6000.0, rel=0.05)
+    hard = learned.regimes(frame)
+    gpu = np.maximum(frame["gemm_compute_us"],
+                     frame[["weight_read_us", "decode_attention_us"]].sum(axis=1))
+    expected = (gpu < learned.launch_coef_["step_overhead"]) & (hard >= 2)  # after 2 gates
+    assert expected.sum() > 300 and np.array_equal(hard == 2, expected)
+    data = learned.to_dict()
+    assert data["launch_floor"] == [{"feature": "step_overhead",
+                                     "value": learned.launch_coef_["step_overhead"],
+                                     "unit": "µs per unit"}]
+    np.testing.assert_allclose(model_from_dict(data).predict(frame), learned.predict(frame))
+    old = model_from_dict({**data, "launch_floor": []})
+    np.testing.assert_array_equal(old.regimes(frame), fixed.regimes(frame))
 
 
 def test_mole_rd_soft_gating_shrinks_the_boundary_jump() -> None:

@@ -53,6 +53,10 @@ from blis_model.models.regimes import (
 )
 from blis_model.models.solvers import nonneg_ridge
 
+LAUNCH_FEATURES = ("step_overhead", "layer_kernels", "moe_layer_overhead")
+"""Per-step host costs (counts constant within a configuration) whose fitted µs make the
+launch floor of the launch-bound rule."""
+
 
 class MoLERD(StepTimeModel):
     """Per-regime non-negative linear experts over physics features, softly gated."""
@@ -65,7 +69,8 @@ class MoLERD(StepTimeModel):
                  launch_floor_us: float = 1000.0, launch_us_per_layer: float = 25.0,
                  kv_threshold: float = 0.9, saturation_fraction: float = 0.95,
                  compute_features: Sequence[str] = COMPUTE_FEATURES,
-                 memory_features: Sequence[str] = MEMORY_FEATURES) -> None:
+                 memory_features: Sequence[str] = MEMORY_FEATURES,
+                 learn_launch_floor: bool = True) -> None:
         self.features = features
         self.ridge = ridge
         self.regime_prior_steps = regime_prior_steps
@@ -78,13 +83,17 @@ class MoLERD(StepTimeModel):
         self.saturation_fraction = saturation_fraction
         self.compute_features = compute_features
         self.memory_features = memory_features
+        self.learn_launch_floor = learn_launch_floor
 
     # -- regimes ------------------------------------------------------------------------
     @property
     def detector(self) -> RegimeDetector:
+        """The regime rules; once fitted with ``learn_launch_floor``, the launch floor is
+        the global fit's own host cost (µs per step, per kernel launch, per MoE layer)."""
+        learned = getattr(self, "launch_coef_", {}) if self.learn_launch_floor else {}
         return RegimeDetector(self.launch_floor_us, self.launch_us_per_layer, self.kv_threshold,
                               self.saturation_fraction, tuple(self.compute_features),
-                              tuple(self.memory_features))
+                              tuple(self.memory_features), tuple(learned.items()))
 
     def regime_weights(self, X: pd.DataFrame) -> np.ndarray:
         """(steps, 5) blended regime weights (REGIMES order)."""
@@ -118,6 +127,8 @@ class MoLERD(StepTimeModel):
         stats = relative_stats(columns_fn(X, names), y)
         penalty = np.where(correction_mask(names), self.ridge * len(y), 0.0)
         self.coef_ = nonneg_ridge(stats, priors(names), penalty)
+        self.launch_coef_ = {n: float(b) for n, b in zip(names, self.coef_, strict=True)
+                             if n in LAUNCH_FEATURES}
         W = self.regime_weights(X)
         prior = np.tile(self.coef_, (len(REGIMES), 1))
         self.regime_coef_ = self._fit_experts(X, y, W, prior, self.regime_prior_steps)
@@ -135,6 +146,7 @@ class MoLERD(StepTimeModel):
         model.coef_ = self.coef_.copy()
         model.regime_coef_ = self.regime_coef_.copy()
         model.regime_steps_ = dict(self.regime_steps_)
+        model.launch_coef_ = dict(self.launch_coef_)
         model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
         model.n_features_in_ = self.n_features_in_
         return model
@@ -184,6 +196,8 @@ class MoLERD(StepTimeModel):
             "features": list(self.features),
             "regimes": list(REGIMES),
             "regime_steps": dict(self.regime_steps_),
+            "launch_floor": [{"feature": n, "value": v, "unit": "µs per unit"}
+                             for n, v in self.launch_coef_.items()],
             "global": coefficient_table(self.features, self.coef_),
             "per_regime": self._regime_tables(self.regime_coef_),
             "per_config": {k: self._regime_tables(v) for k, v in sorted(self.config_coef_.items())},
@@ -202,6 +216,8 @@ class MoLERD(StepTimeModel):
         model.coef_ = coefficient_values(data["global"])
         model.regime_coef_ = stack(data["per_regime"])
         model.regime_steps_ = dict(data.get("regime_steps", {}))
+        model.launch_coef_ = {r["feature"]: float(r["value"])
+                              for r in data.get("launch_floor", [])}
         model.config_coef_ = {k: stack(v) for k, v in data["per_config"].items()}
         model.n_features_in_ = len(model.features)
         return model

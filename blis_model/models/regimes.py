@@ -4,9 +4,11 @@ Each step gets four *pressure ratios*, each > 1 exactly when its condition holds
 
 * ``saturation``: batch / (fraction·max_num_seqs) — or any request waiting in the queue;
 * ``kv_pressure``: KV-cache usage / threshold — or any preempted / recomputed request;
-* ``launch_bound``: CPU launch floor / roofline GPU time, the floor being
-  ``launch_floor_us + launch_us_per_layer·layers`` (µs) and the GPU time
-  ``max(compute µs, memory µs)`` summed from the physics features of each side;
+* ``launch_bound``: CPU launch floor / roofline GPU time, the floor being the fitted host
+  cost Σ µs-per-unit·count (``launch_coef``: per step, per kernel launch, per MoE layer;
+  MoLE-RD learns it) or, unfitted, ``launch_floor_us + launch_us_per_layer·layers`` (µs),
+  and the GPU time ``max(compute µs, memory µs)`` summed from the physics features of
+  each side;
 * ``compute_bound``: compute µs / memory µs.
 
 A decision list turns them into five regimes (in priority order): saturation,
@@ -67,13 +69,18 @@ class RegimeDetector:
     saturation_fraction: float = 0.95  # batch / max_num_seqs where saturation starts
     compute_features: tuple[str, ...] = COMPUTE_FEATURES
     memory_features: tuple[str, ...] = MEMORY_FEATURES
+    # learned host cost: (feature, µs per unit) pairs replacing the launch numbers above
+    launch_coef: tuple[tuple[str, float], ...] = ()
 
     def compute_memory_us(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Roofline sides of every step: (compute µs, memory µs)."""
         return _sum_columns(X, self.compute_features), _sum_columns(X, self.memory_features)
 
     def launch_floor(self, X: pd.DataFrame) -> np.ndarray:
-        """CPU launch floor of every step, µs (layers from ``arch_layers``)."""
+        """CPU launch floor of every step, µs: Σ coefficient·count over ``launch_coef``
+        when learned, else ``launch_floor_us + launch_us_per_layer·arch_layers``."""
+        if self.launch_coef:
+            return sum(c * frame_column(X, name, 0.0) for name, c in self.launch_coef)
         layers = frame_column(X, "arch_layers", np.nan)
         if np.isnan(layers).all():
             layers = frame_column(X, "layer_overhead", 0.0)

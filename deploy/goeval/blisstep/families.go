@@ -384,14 +384,17 @@ type moleParams struct {
 	SaturationFraction float64  `json:"saturation_fraction"`
 	ComputeFeatures    []string `json:"compute_features"`
 	MemoryFeatures     []string `json:"memory_features"`
+	LearnLaunchFloor   bool     `json:"learn_launch_floor"`
 }
 
 type molerd struct {
-	params    moleParams
-	compute   []int
-	memory    []int
-	global    [5]linear
-	perConfig map[string][5]linear
+	params     moleParams
+	compute    []int
+	memory     []int
+	launchIDs  []int // learned launch floor: Σ launchCoef·feature (mole_rd.LAUNCH_FEATURES)
+	launchCoef []float64
+	global     [5]linear
+	perConfig  map[string][5]linear
 }
 
 func parseMoLERD(raw json.RawMessage) (family, error) {
@@ -401,6 +404,7 @@ func parseMoLERD(raw json.RawMessage) (family, error) {
 		Regimes   []string                        `json:"regimes"`
 		PerRegime map[string][]coefRow            `json:"per_regime"`
 		PerConfig map[string]map[string][]coefRow `json:"per_config"`
+		Launch    []coefRow                       `json:"launch_floor"`
 	}
 	if err := json.Unmarshal(raw, &doc); err != nil {
 		return nil, err
@@ -415,6 +419,16 @@ func parseMoLERD(raw json.RawMessage) (family, error) {
 	}
 	if m.memory, err = ids(doc.Params.MemoryFeatures); err != nil {
 		return nil, err
+	}
+	if doc.Params.LearnLaunchFloor {
+		for _, row := range doc.Launch {
+			id, err := featureID(row.Feature)
+			if err != nil {
+				return nil, err
+			}
+			m.launchIDs = append(m.launchIDs, id)
+			m.launchCoef = append(m.launchCoef, row.Value)
+		}
 	}
 	stack := func(tables map[string][]coefRow) ([5]linear, error) {
 		var out [5]linear
@@ -445,6 +459,8 @@ type moleModel struct {
 	params      moleParams
 	compute     []int
 	memory      []int
+	launchIDs   []int
+	launchCoef  []float64
 	experts     [5]linear
 	maxNumSeqs  float64
 	launchFloor float64
@@ -483,7 +499,14 @@ func (m *moleModel) weights(g *Aggregates, f *Features) [5]float64 {
 	for _, id := range m.memory {
 		memory += f[id]
 	}
-	lr[2] = safeLogRatio(m.launchFloor, math.Max(compute, memory))
+	launchFloor := m.launchFloor
+	if len(m.launchIDs) > 0 {
+		launchFloor = 0
+		for i, id := range m.launchIDs {
+			launchFloor += m.launchCoef[i] * f[id]
+		}
+	}
+	lr[2] = safeLogRatio(launchFloor, math.Max(compute, memory))
 	lr[3] = safeLogRatio(compute, memory)
 	var w [5]float64
 	remaining := 1.0
@@ -526,6 +549,7 @@ func (m *molerd) resolve(key string, consts map[string]float64) (familyModel, bo
 		experts = m.global
 	}
 	return &moleModel{params: m.params, compute: m.compute, memory: m.memory, experts: experts,
+		launchIDs: m.launchIDs, launchCoef: m.launchCoef,
 		maxNumSeqs:  consts["max_num_seqs"],
 		launchFloor: m.params.LaunchFloorUs + m.params.LaunchUsPerLayer*consts["arch_layers"],
 	}, ok, nil
