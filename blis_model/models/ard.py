@@ -165,7 +165,10 @@ def select_evidence_weight(by_group: dict[str, RelativeGram], prior_mean: np.nda
 
     Rows of one configuration share errors the independent-noise likelihood ignores, so
     the evidence over-trusts them; tempering by κ < 1 restores shrinkage toward the
-    prior. With fewer than 3 groups κ = 1. Returns (κ, {κ: CV error}).
+    prior. The score is the MEDIAN over held-out configurations: one that no other
+    resembles (the only MoE among dense models) would otherwise decide, alone, how little
+    every configuration is trusted. With fewer than 3 groups κ = 1. Returns
+    (κ, {κ: CV error}).
     """
     if len(by_group) < 3:
         return 1.0, {}
@@ -175,7 +178,7 @@ def select_evidence_weight(by_group: dict[str, RelativeGram], prior_mean: np.nda
         errors = [relative_mse(st, ard_posterior(tempered(_minus(total, st), weight),
                                                  prior_mean, **ard).mean)
                   for st in by_group.values()]
-        scores[float(weight)] = float(np.mean(errors))
+        scores[float(weight)] = float(np.median(errors))
     best = min(scores, key=lambda w: (scores[w], -w))
     return best, scores
 
