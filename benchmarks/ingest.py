@@ -7,7 +7,11 @@ and in the same run, repeated ``--reps`` times (median reported):
 * ``json.loads``: gunzip + ``json.loads`` of every line (the baseline), and
   ``json.loads`` alone on already-decompressed lines (a stricter baseline);
 * ``read_step_table``: parse + step table (fast decoder), and the generic orjson decoder;
-* ``featurize``: parse + step table + feature frame (``pipeline.featurize``).
+* ``read_tables``: parse + step table + request table in one pass, against the two
+  passes ``read_step_table`` + ``read_request_table`` (they differ only when the traces
+  hold journey/API spans, e.g. a ``blis-model synth`` corpus);
+* ``featurize``: parse + step table + feature frame (``pipeline.featurize``; with journey
+  spans also the request table, its validation and the journey reconstruction).
 
 Throughput is MB/s of uncompressed trace and traced steps/s. Usage::
 
@@ -30,7 +34,8 @@ from pathlib import Path
 
 from blis_model.experiment import Experiment
 from blis_model.ingest.otlp import LineStats, iter_lines
-from blis_model.ingest.reader import read_step_table
+from blis_model.ingest.reader import read_step_table, read_tables
+from blis_model.ingest.requests import read_request_table
 from blis_model.pipeline import featurize, load_experiments
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
@@ -100,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
         "json.loads every line (already decompressed)": lambda: json_only(list(lines.values())),
         "read_step_table, generic orjson decoder": each(lambda e: read_step_table(e, fast=False)),
         "read_step_table (parse + step table)": each(read_step_table),
+        "read_step_table + read_request_table (two passes)": each(
+            lambda e: (read_step_table(e), read_request_table(e))),
+        "read_tables (steps + requests, one pass)": each(read_tables),
         "featurize (parse + step table + features)": each(featurize),
     }
     for fn in paths.values():  # warm-up (imports, regex compilation, caches)

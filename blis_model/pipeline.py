@@ -20,12 +20,12 @@ import pandas as pd
 from blis_model.dataset import concat_frames, feature_frame, temporal_split
 from blis_model.errors import CorpusError
 from blis_model.experiment import Experiment, discover_experiments, load_experiment
-from blis_model.ingest.reader import IngestReport, read_step_table
+from blis_model.ingest.reader import IngestReport, read_step_table, read_tables
 from blis_model.metrics import per_experiment, summary
 from blis_model.models.base import StepTimeModel
 from blis_model.models.registry import DEFAULT_FAMILY, make_model
 from blis_model.request_accuracy import RequestData
-from blis_model.request_level import RequestSettings, load_requests, overload
+from blis_model.request_level import RequestSettings, overload, request_data
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,17 @@ def experiment_names(corpus_url: str, options: dict | None = None) -> list[str]:
 
 def featurize(experiment: Experiment, options: dict | None = None,
               settings: RequestSettings | None = None) -> Featurized:
-    """Stream the experiment's traces into its feature frame. When the traces hold
-    journey/API spans, also read and validate the request table (CorpusError above
-    ``settings.max_request_failure_rate``) and fill summary-only step compositions by
-    journey reconstruction (``request_level.load_requests``)."""
-    table, report = read_step_table(experiment, options)
-    data = load_requests(experiment, table, options, settings)
+    """Stream the experiment's traces into its feature frame, in one pass. When the traces
+    hold journey spans (and ``settings.requests`` is not False), also validate the request
+    table read in that pass (CorpusError above ``settings.max_request_failure_rate``) and
+    fill summary-only step compositions by journey reconstruction
+    (``request_level.request_data``)."""
+    if settings is not None and settings.requests is False:
+        table, report = read_step_table(experiment, options)
+        data = None
+    else:
+        table, report, requests = read_tables(experiment, options)
+        data = request_data(experiment, table, requests, settings)
     if data is not None:
         table = data.steps
     return Featurized(experiment, feature_frame(experiment, table), report, data)

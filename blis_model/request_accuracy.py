@@ -26,13 +26,13 @@ import pyarrow as pa
 from blis_model.alphas import AlphaFit, fit_alphas
 from blis_model.dataset import feature_frame
 from blis_model.experiment import Experiment
-from blis_model.ingest.reader import read_step_table
+from blis_model.ingest.reader import read_tables
 from blis_model.ingest.reconstruct import (
     ReconstructionReport,
     fill_compositions,
     reconstruct_steps,
 )
-from blis_model.ingest.requests import RequestValidation, read_request_table, validate_requests
+from blis_model.ingest.requests import RequestValidation, validate_requests
 from blis_model.ingest.steps import COMPOSITION_COLUMNS, STEP_SCHEMA
 from blis_model.metrics import summary
 from blis_model.models.base import StepTimeModel
@@ -180,9 +180,8 @@ class RequestData:
 
 
 def load_request_data(experiment: Experiment, options: dict | None = None) -> RequestData:
-    """Read steps and requests of ``experiment`` and rebuild every step's batch."""
-    steps, _ = read_step_table(experiment, options)
-    requests, _ = read_request_table(experiment, options)
+    """Read steps and requests of ``experiment`` (one pass) and rebuild every step's batch."""
+    steps, _, requests = read_tables(experiment, options)
     mnbt = experiment.server.max_num_batched_tokens
     rebuilt, report = reconstruct_steps(requests, mnbt, block_size=experiment.server.block_size)
     steps = fill_compositions(steps, rebuilt)

@@ -1,10 +1,10 @@
 """Request-level stage of the calibration: journey/API traces → validated request tables,
 journey-reconstructed step batches, fitted alphas and TTFT / ITL / E2E accuracy.
 
-Only experiments whose traces hold journey or API spans take this path; step-only traces
-are detected by a bounded probe of the trace's head (``RequestSettings.probe_bytes`` of
-decompressed text) and featurized exactly as before. Used by ``pipeline.featurize``,
-``blis-model fit`` and the calibrate flow's tasks alike.
+Only experiments whose traces hold journey spans take this path; ``pipeline.featurize``
+reads them in the same pass as the steps (``ingest.reader.read_tables``) and hands them to
+:func:`request_data`; step-only traces are featurized exactly as before. Used by
+``pipeline.featurize``, ``blis-model fit`` and the calibrate flow's tasks alike.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import pyarrow as pa
 from blis_model.alphas import AlphaFit, alpha_errors, fit_alphas
 from blis_model.errors import ConfigError, CorpusError
 from blis_model.experiment import Experiment
-from blis_model.ingest.otlp import API_SCOPE, JOURNEY_SCOPE, Problem, iter_lines
 from blis_model.ingest.reconstruct import (
     ReconstructionReport,
     compare_with_snapshots,
@@ -27,11 +26,7 @@ from blis_model.ingest.reconstruct import (
     fill_compositions,
     reconstruct_steps,
 )
-from blis_model.ingest.requests import (
-    overload_indicators,
-    read_request_table,
-    validate_requests,
-)
+from blis_model.ingest.requests import overload_indicators, validate_requests
 from blis_model.models.base import StepTimeModel
 from blis_model.request_accuracy import (
     METRICS,
@@ -41,10 +36,7 @@ from blis_model.request_accuracy import (
     request_accuracy,
     temporal_request_holdout,
 )
-from blis_model.storage import filesystem
 
-# a scope name followed by its closing quote: "vllm.scheduler" but not "vllm.scheduler.step"
-_MARKERS = (f'{JOURNEY_SCOPE}"'.encode(), f'{API_SCOPE}"'.encode())
 DEFAULT_ALPHA_SOURCE = ("BLIS shipped defaults (iter29), NOT fit: the corpus has no "
                         "request-level (journey + API) traces")  # = release.ALPHA_SOURCE
 
@@ -53,12 +45,12 @@ DEFAULT_ALPHA_SOURCE = ("BLIS shipped defaults (iter29), NOT fit: the corpus has
 class RequestSettings:
     """Knobs of the request-level stage.
 
-    ``requests``: None probes each trace for journey/API spans, True always reads them,
-    False never does. ``max_request_failure_rate`` (0..1; None disables the gate): share of
-    an experiment's requests allowed to fail validation. ``exclude_overloaded``: leave out
-    of training the experiments whose queue wait keeps growing (last third's median wait
-    over the first third's > ``overload_wait_growth`` and median wait >
-    ``overload_min_wait_ms``). ``alpha_method``: ``median`` (robust) or ``mean``.
+    ``requests``: None (default) or True reads journey/API spans in the steps' pass (used
+    when the trace has journey spans), False never does. ``max_request_failure_rate`` (0..1;
+    None disables the gate): share of an experiment's requests allowed to fail validation.
+    ``exclude_overloaded``: leave out of training the experiments whose queue wait keeps
+    growing (last third's median wait over the first third's > ``overload_wait_growth`` and
+    median wait > ``overload_min_wait_ms``). ``alpha_method``: ``median`` (robust) or ``mean``.
     """
 
     requests: bool | None = None
@@ -67,7 +59,6 @@ class RequestSettings:
     overload_wait_growth: float = 5.0
     overload_min_wait_ms: float = 50.0
     alpha_method: str = "median"
-    probe_bytes: int = 64 << 20
     train_fraction: float = 0.7
 
     def __post_init__(self) -> None:
@@ -82,37 +73,12 @@ class RequestSettings:
 # --------------------------------------------------------------------------- ingest
 
 
-def has_request_spans(experiment: Experiment, options: dict | None = None,
-                      probe_bytes: int = 64 << 20) -> bool:
-    """True when the first ``probe_bytes`` (decompressed) of the trace hold a journey or
-    API scope. Exporters flush request spans every few seconds, so a trace with request
-    tracing shows them early; reading stops at the first hit."""
-    if experiment.trace_url is None:
-        return False
-    fs, path = filesystem(experiment.trace_url, options)
-    seen = 0
-    problems: list[Problem] = []
-    with fs.open(path, "rb", block_size=1 << 20) as raw:
-        for _, line in iter_lines(raw, path, problems):
-            if any(m in line for m in _MARKERS):
-                return True
-            seen += len(line)
-            if seen >= probe_bytes:
-                return False
-    return False
-
-
-def load_requests(experiment: Experiment, steps: pa.Table, options: dict | None = None,
-                  settings: RequestSettings | None = None) -> RequestData | None:
-    """The experiment's request data, with ``steps``' summary-only rows filled by journey
-    reconstruction; None when the trace has no journey spans (or ``settings.requests`` is
-    False). Raises CorpusError when too many requests fail validation."""
+def request_data(experiment: Experiment, steps: pa.Table, requests: pa.Table,
+                 settings: RequestSettings | None = None) -> RequestData | None:
+    """The experiment's request data from its step and request tables, ``steps``'
+    summary-only rows filled by journey reconstruction; None when ``requests`` has no
+    journey. Raises CorpusError when too many requests fail validation."""
     settings = settings or RequestSettings()
-    if settings.requests is False or (
-            settings.requests is None
-            and not has_request_spans(experiment, options, settings.probe_bytes)):
-        return None
-    requests, _ = read_request_table(experiment, options)
     if requests.column("request_id").null_count == requests.num_rows:
         return None  # no journey tracing: API spans alone give neither alphas nor batches
     mnbt = experiment.server.max_num_batched_tokens

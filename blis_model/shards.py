@@ -349,13 +349,20 @@ def sample_quotas(summaries: Sequence[ShardSummary], max_rows: int) -> dict[str,
             for s in summaries}
 
 
+def sample_positions(n: int, rows: int) -> np.ndarray:
+    """Positions (0-based, by step id) of ``rows`` evenly spaced rows of an ``n``-row
+    shard, first and last included: all of them when ``rows`` ≥ ``n``. Deterministic."""
+    if rows >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.unique(np.linspace(0, n - 1, rows).round().astype(np.int64))
+
+
 def sample_shard(item: ShardSummary, rows: int, options: dict | None = None) -> pd.DataFrame:
-    """``rows`` evenly spaced rows (by step id) of one shard: deterministic."""
+    """The :func:`sample_positions` rows of one shard."""
     frame = read_shard(item.shard_url, None, options)
     if rows >= len(frame):
         return frame
-    idx = np.unique(np.linspace(0, len(frame) - 1, rows).round().astype(np.int64))
-    return frame.iloc[idx].reset_index(drop=True)
+    return frame.iloc[sample_positions(len(frame), rows)].reset_index(drop=True)
 
 
 def evaluation_from_parts(in_sample: Mapping[str, Mapping[str, float]],
@@ -380,3 +387,12 @@ def evaluation_from_parts(in_sample: Mapping[str, Mapping[str, float]],
 __all__ = ["ShardSummary", "featurize_to_shard", "fit_picf_from_stats", "load_summary",
            "loo_fold_from_stats", "loo_from_stats", "read_shard", "sample_shard",
            "shard_url_for", "temporal_from_stats", "validate_shard"]
+
+
+def picf_without_config(summaries: Sequence[ShardSummary], config_key: str, **params: Any
+                        ) -> PICF | None:
+    """PICF fit on the statistics of every configuration but ``config_key``: the
+    leave-one-out fold of its experiments (as :func:`loo_fold_from_stats`). None when no
+    shard has that configuration or no other configuration has steps."""
+    held = next((s for s in summaries if s.config_key == config_key), None)
+    return None if held is None else _loo_model(summaries, held, **params)

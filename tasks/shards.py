@@ -1,6 +1,7 @@
-"""Scale tasks: featurize one experiment into a shard, fit PICF from statistics, score
-one shard, sample rows for the release. Each returns small values (summaries, scores),
-never a corpus-sized frame, and reports its process's peak memory."""
+"""Scale tasks: featurize one experiment into a shard, fit PICF from statistics (or any
+family on a bounded sample of steps), score one shard, sample rows for the release. Each
+returns small values (summaries, models, scores) — never a corpus-sized frame; the fit
+sample is bounded by ``max_fit_rows`` — and reports its process's peak memory."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blis_model import feature_cache, shards
+from blis_model import feature_cache, scale_families, shards
 from blis_model.experiment import Experiment, load_experiment
+from blis_model.models.base import StepTimeModel
 from blis_model.models.picf import PICF
 from blis_model.request_level import RequestSettings
 from blis_model.storage import redact
@@ -89,3 +91,67 @@ def sample_rows(summaries: Sequence[shards.ShardSummary], max_rows: int
     get_run_logger().info("sampled %d of %d steps for the release's BLIS projection",
                           len(frame), sum(s.rows for s in summaries))
     return frame, memory()
+
+
+# ------------------------------------------------------------- any family (sample fit)
+
+
+@task(name="sample-for-fit", cache_policy=NO_CACHE)
+def sample_for_fit(summaries: Sequence[shards.ShardSummary], max_rows: int
+                   ) -> scale_families.FitSample:
+    """The bounded, deterministic sample of steps every non-PICF fit uses (at most
+    ``max_rows``; evenly spaced by step id within each shard, read one at a time)."""
+    sample = scale_families.draw_fit_sample(summaries, max_rows)
+    get_run_logger().info("fit sample: %d of %d steps (at most %d; %d in the temporal train "
+                          "parts); worker peak RSS %.0f MB", sample.rows, sample.total_steps,
+                          max_rows, int(sample.train.sum()), shards.peak_rss_mb())
+    return sample
+
+
+def _fit(family: str, summaries: Sequence[shards.ShardSummary],
+         sample: scale_families.FitSample | None, train: bool, held_config: str | None
+         ) -> tuple[StepTimeModel | None, dict[str, Any]]:
+    model = scale_families.fit_scale_model(family, summaries, sample, train, held_config)
+    rows = ("all steps' statistics" if family == scale_families.EXACT_FAMILY
+            else f"{len(sample.part(train, held_config)) if sample else 0} sampled steps")
+    what = ("temporal train parts" if train else
+            f"without {held_config}" if held_config else "everything")
+    get_run_logger().info("%s %s: %s (%s)", family, what,
+                          "fitted" if model is not None else "nothing to fit", rows)
+    return model, memory()
+
+
+@task(name="fit-family", task_run_name="fit {family} {part}", cache_policy=NO_CACHE)
+def fit_family(family: str, summaries: Sequence[shards.ShardSummary],
+               sample: scale_families.FitSample | None, part: str = "all"
+               ) -> tuple[StepTimeModel | None, dict[str, Any]]:
+    """(model, worker memory): ``family`` fit on everything (``part`` "all") or on the
+    temporal train parts ("train"); PICF from statistics, any other family on
+    ``sample``. The model is None when there is nothing to fit on."""
+    if part not in ("all", "train"):
+        raise ValueError(f"part must be 'all' or 'train', got {part!r}")
+    return _fit(family, summaries, sample, part == "train", None)
+
+
+@task(name="fit-fold", task_run_name="fit-fold {family} {held_config}", cache_policy=NO_CACHE)
+def fit_fold(family: str, summaries: Sequence[shards.ShardSummary],
+             sample: scale_families.FitSample | None, held_config: str
+             ) -> tuple[StepTimeModel | None, dict[str, Any]]:
+    """(model, worker memory): the leave-one-out fold of configuration ``held_config``'s
+    experiments — ``family`` fit without that configuration (None: nothing left)."""
+    return _fit(family, summaries, sample, False, held_config)
+
+
+@task(name="score-shard", task_run_name="score {name}", cache_policy=NO_CACHE)
+def score_shard(models: dict[str, scale_families.ShardModels], item: shards.ShardSummary,
+                name: str) -> tuple[dict[str, scale_families.Scores], dict[str, Any]]:
+    """(family → in-sample / temporal / LOO scores, worker memory) of experiment ``name``
+    on all its steps, from one read of its shard."""
+    scores = scale_families.score_shard(models, item)
+    logger = get_run_logger()
+    for family, s in scores.items():
+        loo = s["loo"]
+        if loo is not None:
+            logger.info("%s leave-one-out %s: MAPE %.1f%% (%d steps)", family, name,
+                        loo["mape"], loo["n"])
+    return scores, memory()

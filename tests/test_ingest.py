@@ -25,9 +25,17 @@ import pytest
 from blis_model.dataset import feature_frame
 from blis_model.experiment import Experiment, load_experiment
 from blis_model.ingest import otlp, scan
-from blis_model.ingest.otlp import STEP_SCOPE, iter_events, iter_lines
-from blis_model.ingest.reader import read_step_table
-from blis_model.ingest.scan import scan_line
+from blis_model.ingest.otlp import (
+    API_SCOPE,
+    JOURNEY_SCOPE,
+    STEP_SCOPE,
+    decode_line,
+    iter_events,
+    iter_lines,
+)
+from blis_model.ingest.reader import REQUEST_SCOPES, read_step_table, read_tables
+from blis_model.ingest.requests import read_request_table
+from blis_model.ingest.scan import scan_line, scan_with_events
 from blis_model.ingest.steps import COMPOSITION_COLUMNS, STEP_EVENTS, StepTableBuilder
 from blis_model.pipeline import load_experiments
 
@@ -99,12 +107,20 @@ def assert_same_table(a: pa.Table, b: pa.Table) -> None:
 
 
 def both_paths(exp: Experiment) -> tuple[pa.Table, object]:
-    """The table through the fast and the generic decoder; they must agree exactly."""
+    """The table through the fast and the generic decoder; they must agree exactly, and
+    with the one-pass read of steps and requests (each problem reported once)."""
     fast, fast_report = read_step_table(exp)
     generic, generic_report = read_step_table(exp, fast=False)
     assert_same_table(fast, generic)
     assert fast_report.counts == generic_report.counts
     assert [str(p) for p in fast_report.problems] == [str(p) for p in generic_report.problems]
+    requests, request_problems = read_request_table(exp)
+    for one_pass in (True, False):
+        steps, report, both_requests = read_tables(exp, fast=one_pass)
+        assert_same_table(steps, fast)
+        assert report.to_dict(max_problems=10**6) == fast_report.to_dict(max_problems=10**6)
+        assert_same_table(both_requests, requests)
+        assert set(request_problems) <= set(report.problems)
     return fast, fast_report
 
 
@@ -387,6 +403,49 @@ def test_step_events_outside_the_step_scope_are_ignored_by_both_paths():
     ]}]})
     for cols in (scan_line(line, STEP_EVENTS), scan.generic_columns(line, STEP_EVENTS)):
         assert len(cols) == 1 and cols[0].numbers["step.duration_us"].tolist() == [11]
+
+
+def assert_same_scan(a: scan.Scanned, b: scan.Scanned) -> None:
+    assert [c.wanted for c in a[0]] == [c.wanted for c in b[0]]
+    for f, g in zip(a[0], b[0], strict=True):
+        assert f.size == g.size
+        for k in f.numbers:
+            assert np.array_equal(f.numbers[k], g.numbers[k], equal_nan=True), k
+        assert f.strings == g.strings
+    assert a[1] == b[1]
+
+
+def test_one_decode_gives_step_columns_and_whole_request_events():
+    """A line mixing step, journey and API spans: the fast path keeps its speed on the step
+    events and hands back the journey/API events exactly as the generic decoder does."""
+    journey = {"scope": {"name": JOURNEY_SCOPE}, "spans": [{"name": "llm_core", "attributes": [
+        {"key": "gen_ai.request.id", "value": {"stringValue": "cmpl-1-0"}}], "events": [
+        event("journey.QUEUED", scheduler__step=3, ts__monotonic_ns=5),
+        event("journey.FINISHED", **{"finish.status": "length", "scheduler.step": 9})]}]}
+    api = {"scope": {"name": API_SCOPE}, "spans": [{"name": "llm_request"}]}  # bare span
+    obj = json.loads(raw_lines(SMALL)[0])
+    obj["resourceSpans"][0]["scopeSpans"] = [journey, *obj["resourceSpans"][0]["scopeSpans"],
+                                             api]
+    line = dumps(obj)
+    assert scan._fast_columns(line, STEP_EVENTS, REQUEST_SCOPES) is not None  # the fast path
+    fast = scan_with_events(line, STEP_EVENTS, REQUEST_SCOPES)
+    assert_same_scan(fast, scan.generic_with_events(line, STEP_EVENTS, REQUEST_SCOPES))
+    assert fast[1] == [e for e in decode_line(line) if e.scope in REQUEST_SCOPES]
+    assert [e.name for e in fast[1]] == ["journey.QUEUED", "journey.FINISHED", ""]
+    assert_same_scan((fast[0], []), (scan_line(line, STEP_EVENTS), []))
+    assert scan_with_events(line, STEP_EVENTS)[1] == []  # no scope kept, no events
+
+
+def test_step_events_in_a_kept_scope_stay_whole_events():
+    """A step-named event inside a journey span is a journey event: never a placeholder."""
+    summary = event("step.BATCH_SUMMARY", step__id=1, step__duration_us=10)
+    line = dumps({"resourceSpans": [{"scopeSpans": [
+        {"scope": {"name": JOURNEY_SCOPE}, "spans": [{"events": [summary]}]},
+        {"scope": {"name": STEP_SCOPE}, "spans": [{"events": [summary]}]}]}]})
+    fast = scan_with_events(line, STEP_EVENTS, REQUEST_SCOPES)
+    assert_same_scan(fast, scan.generic_with_events(line, STEP_EVENTS, REQUEST_SCOPES))
+    assert [(e.scope, e.name) for e in fast[1]] == [(JOURNEY_SCOPE, "step.BATCH_SUMMARY")]
+    assert len(fast[0]) == 1 and fast[0][0].size == 1
 
 
 # -- duplicates, other scopes, damaged input ----------------------------------------------

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blis_model import pipeline, shards
+from blis_model import pipeline, scale_families, selection, shards
 from blis_model.ingest.reader import read_step_table
 from blis_model.ingest.scan import _fast_columns
 from blis_model.ingest.steps import STEP_EVENTS
 from blis_model.models.picf import PICF
+from blis_model.models.registry import make_model
 from blis_model.synth.bulk import corpus_size, write_bulk_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,3 +125,133 @@ def test_scale_flow_on_a_two_node_cluster(tmp_path: Path, prefect_api: str) -> N
     assert second["experiments"] == 4
     assert second["scale"]["experiments_featurized"] == 1
     assert second["scale"]["experiments_reused"] == 3
+
+
+# ------------------------------------------------------------- any family at scale
+
+
+def scale_scores(summaries, families, sample) -> dict[str, dict[str, dict]]:
+    """family → kind → experiment → score, as the scale flow computes them."""
+    configs = sorted({s.config_key for s in summaries})
+    out: dict[str, dict[str, dict]] = {f: {"in_sample": {}, "temporal": {}, "loo": {}}
+                                       for f in families}
+    models = {f: (scale_families.fit_scale_model(f, summaries, sample),
+                  scale_families.fit_scale_model(f, summaries, sample, train=True),
+                  {c: scale_families.fit_scale_model(f, summaries, sample, held_config=c)
+                   for c in configs}) for f in families}
+    for item in summaries:
+        scores = scale_families.score_shard(
+            {f: scale_families.ShardModels(m, t, folds[item.config_key])
+             for f, (m, t, folds) in models.items()}, item)
+        for f, kinds in scores.items():
+            for kind, value in kinds.items():
+                if value is not None:
+                    out[f][kind][item.experiment] = value
+    return out
+
+
+def assert_scores_equal(got: dict, want: dict) -> None:
+    assert set(got) == set(want) and len(got) == 4
+    for name, score in want.items():
+        assert got[name]["n"] == score["n"]
+        for key in ("mape", "median_ape", "p90_ape"):
+            assert got[name][key] == pytest.approx(score[key], rel=1e-9)
+
+
+def test_sample_fit_of_any_family_equals_the_frame_fit(real_shards) -> None:
+    frame, summaries = real_shards
+    sample = scale_families.draw_fit_sample(summaries, len(frame))  # the whole corpus
+    assert sample.rows == len(frame) and sample.total_steps == len(frame)
+    assert scale_families.sample_size(summaries, len(frame)) == (sample.rows,
+                                                                 int(sample.train.sum()))
+    direct = make_model("overlap").fit(frame).predict(frame)
+    fitted = scale_families.fit_scale_model("overlap", summaries, sample).predict(frame)
+    assert np.max(np.abs(fitted - direct) / np.abs(direct)) <= 1e-9
+    scores = scale_scores(summaries, ["overlap"], sample)["overlap"]
+    assert_scores_equal(scores["loo"], pipeline.leave_one_experiment_out(frame, "overlap"))
+    assert_scores_equal(scores["temporal"], pipeline.temporal_holdout(frame, "overlap"))
+    assert_scores_equal(scores["in_sample"], pipeline.evaluate(
+        frame, make_model("overlap").fit(frame), "overlap", loo={}, temporal={})["in_sample"])
+
+
+def test_auto_at_scale_chooses_as_the_frame_comparison(real_shards) -> None:
+    frame, summaries = real_shards
+    families = ["picf", "overlap"]  # picf from exact statistics, overlap from the sample
+    sample = scale_families.draw_fit_sample(summaries, scale_families.MAX_FIT_ROWS)
+    got = scale_scores(summaries, families, sample)
+    chosen = selection.choose([selection.score(f, got[f]["loo"], got[f]["temporal"])
+                               for f in families])
+    want = selection.compare_families(frame, families)
+    assert chosen.winner == want.winner
+    for mine, theirs in zip(chosen.scores, want.scores, strict=True):
+        assert mine.family == theirs.family
+        assert mine.loo_mape == pytest.approx(theirs.loo_mape, rel=1e-9)
+        assert mine.temporal_mape == pytest.approx(theirs.temporal_mape, rel=1e-9)
+
+
+def test_a_small_fit_sample_is_bounded_stratified_and_deterministic(real_shards) -> None:
+    frame, summaries = real_shards
+    limit = 60
+    sample = scale_families.draw_fit_sample(summaries, limit)
+    again = scale_families.draw_fit_sample(summaries, limit)
+    assert sample.rows <= limit and sample.total_steps == len(frame)
+    assert sample.frame.equals(again.frame) and np.array_equal(sample.train, again.train)
+    assert scale_families.sample_size(summaries, limit) == (sample.rows, int(sample.train.sum()))
+    quotas = shards.sample_quotas(summaries, limit)
+    for item in summaries:  # every experiment, its whole time range, its quota at most
+        rows = sample.frame[sample.frame["experiment"] == item.experiment]
+        steps = shards.read_shard(item.shard_url, ["step_id"])["step_id"]
+        assert 2 <= len(rows) <= quotas[item.experiment]
+        assert rows["step_id"].iloc[0] == steps.iloc[0]
+        assert rows["step_id"].iloc[-1] == steps.iloc[-1]
+        assert rows.reset_index(drop=True).equals(
+            shards.sample_shard(item, quotas[item.experiment]))  # the release's sampler
+        # temporal train part: exactly the sampled rows among its first 70% of steps
+        train = sample.train[(sample.frame["experiment"] == item.experiment).to_numpy()]
+        first = set(steps.iloc[:item.train_rows])
+        assert [s in first for s in rows["step_id"]] == train.tolist()
+    # the fits see the sample only: the model, the temporal model, each fold
+    fitted = scale_families.fit_scale_model("overlap", summaries, sample)
+    assert np.array_equal(fitted.predict(frame),
+                          make_model("overlap").fit(sample.frame).predict(frame))
+    held = summaries[0].config_key
+    fold = sample.part(held_config=held)
+    assert held not in set(fold["config_key"]) and len(fold) < sample.rows
+    assert len(sample.part(train=True)) == int(sample.train.sum()) < sample.rows
+    assert scale_families.fit_description("overlap", len(frame), sample.rows,
+                                          int(sample.train.sum()), limit).startswith(
+        f"a deterministic sample of {sample.rows} of {len(frame)} steps")
+
+
+def test_unknown_family_is_refused_naming_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match="allowed: auto, bsr_ard"):
+        scale_families.check_family("linear")
+    assert scale_families.families_for("OVERLAP") == ["overlap"]
+    assert scale_families.families_for("auto")[0] == "picf"
+
+
+@pytest.mark.services
+def test_scale_flow_fits_any_family_on_a_sample(local_ray, tmp_path: Path) -> None:
+    from collections import Counter
+
+    from flow_services import task_runs_of_last
+
+    from blis_model.release import read_manifest
+    from flows.calibrate_at_scale import run_at_scale
+
+    url = run_at_scale(REAL, str(tmp_path / "store"), work=str(tmp_path / "work"),
+                       family="overlap", max_fit_rows=400)
+    manifest = read_manifest(url)
+    assert manifest["family"] == "overlap"
+    metrics = manifest["metrics"]
+    scale = metrics["scale"]
+    assert scale["family"] == "overlap" and scale["max_fit_rows"] == 400
+    assert 4 <= scale["fit_rows"] <= 400 and scale["total_steps"] == 791
+    assert scale["fit"].startswith(f"a deterministic sample of {scale['fit_rows']} of 791")
+    assert len(metrics["leave_one_experiment_out"]) == 4
+    assert len(metrics["temporal_holdout"]) == 4
+    assert sum(r["n"] for r in metrics["in_sample"].values()) == 791  # scored on all steps
+    runs = task_runs_of_last("calibrate-shards")
+    assert all(r.state.is_completed() for r in runs)
+    kinds = Counter(r.name.split(" ")[0] for r in runs if " " in r.name)
+    assert kinds["fit-fold"] == 4 and kinds["score"] == 4 and kinds["shard"] == 4

@@ -1,4 +1,4 @@
-"""Read one experiment's trace object into its step table, streaming."""
+"""Read one experiment's trace object into its step table (and its request table), streaming."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from blis_model.experiment import Experiment
-from blis_model.ingest.otlp import LineStats, Problem, iter_lines
-from blis_model.ingest.scan import scan_line
+from blis_model.ingest.otlp import API_SCOPE, JOURNEY_SCOPE, LineStats, Problem, iter_lines
+from blis_model.ingest.requests import RequestTableBuilder
+from blis_model.ingest.scan import scan_with_events
 from blis_model.ingest.steps import STEP_EVENTS, STEP_SCHEMA, StepTableBuilder
 from blis_model.storage import filesystem
 
 OPEN_BLOCK_SIZE = 8 << 20  # fsspec read-ahead, bytes
+REQUEST_SCOPES = (JOURNEY_SCOPE, API_SCOPE)
 
 
 @dataclass
@@ -34,22 +36,38 @@ class IngestReport:
                 "problems": [str(p) for p in self.problems[:max_problems]]}
 
 
-def build_step_table(raw, label: str, builder: StepTableBuilder, report: IngestReport,
-                     fast: bool = True) -> None:
-    """Stream the lines of the open trace file ``raw`` into ``builder``. Malformed lines
-    and truncated compression go to ``report.problems`` (``label`` names the file)."""
+def stream_tables(raw, label: str, builder: StepTableBuilder, report: IngestReport,
+                  requests: RequestTableBuilder | None = None, fast: bool = True) -> None:
+    """Stream the lines of the open trace file ``raw`` into ``builder`` and, when given,
+    their journey and API events into ``requests``: each line is decoded once for both.
+    Malformed lines and truncated compression go to ``report.problems`` (``label`` names
+    the file), once."""
+    scopes = REQUEST_SCOPES if requests is not None else ()
     stats = LineStats()
     for lineno, line in iter_lines(raw, label, report.problems, stats):
         try:
-            columns = scan_line(line, STEP_EVENTS, fast=fast)
+            columns, events = scan_with_events(line, STEP_EVENTS, scopes, fast=fast)
         except ValueError as exc:
             report.problems.append(Problem(label, lineno, str(exc)))
             report.lines_malformed += 1
             continue
         for cols in columns:
             builder.add_columns(cols)
+        if events:
+            requests.add_all(events)  # type: ignore[union-attr]
     report.lines_read += stats.lines
     report.bytes_uncompressed += stats.bytes
+
+
+def read_tables(experiment: Experiment, options: dict | None = None, *, fast: bool = True
+                ) -> tuple[pa.Table, IngestReport, pa.Table]:
+    """Stream ``experiment``'s traces once into its step table and its request table:
+    ``(steps, report, requests)``, each table as :func:`read_step_table` and
+    ``requests.read_request_table`` give it. ``report.problems`` lists every malformed
+    line once (it concerns both tables)."""
+    requests = RequestTableBuilder(experiment.name)
+    steps, report = _read(experiment, options, requests, fast)
+    return steps, report, requests.table()
 
 
 def read_step_table(experiment: Experiment, options: dict | None = None, *, fast: bool = True
@@ -60,15 +78,20 @@ def read_step_table(experiment: Experiment, options: dict | None = None, *, fast
     without a trace file yields an empty table and a problem. ``fast=False`` decodes
     every line with the generic (orjson) decoder; the table is the same.
     """
+    return _read(experiment, options, None, fast)
+
+
+def _read(experiment: Experiment, options: dict | None, requests: RequestTableBuilder | None,
+          fast: bool) -> tuple[pa.Table, IngestReport]:
     report = IngestReport(experiment.name)
-    builder = StepTableBuilder(experiment.name, block_size=experiment.server.block_size)
     if experiment.trace_url is None:
         report.problems.append(Problem(f"{experiment.name}/traces.json", 0, "no trace file"))
         return STEP_SCHEMA.empty_table(), report
+    builder = StepTableBuilder(experiment.name, block_size=experiment.server.block_size)
     fs, path = filesystem(experiment.trace_url, options)
     label = f"{experiment.name}/{path.rsplit('/', 1)[-1]}"
     with fs.open(path, "rb", block_size=OPEN_BLOCK_SIZE) as raw:
-        build_step_table(raw, label, builder, report, fast=fast)
+        stream_tables(raw, label, builder, report, requests, fast=fast)
         report.bytes_read = int(raw.tell()) if hasattr(raw, "tell") else 0
     table, counts = builder.table()
     report.counts = counts

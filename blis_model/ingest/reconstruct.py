@@ -59,7 +59,7 @@ class ReconstructionReport:
     forced_chunks: int = 0  # chunks that had to exceed the budget to end at FIRST_TOKEN
     prefills_preempted: int = 0  # segments preempted before their (re)computation ended
     # agreement with the traced steps (compare_with_snapshots / compare_with_summaries),
-    # set by request_level.load_requests: {"snapshots": ... or None, "summaries": ...}
+    # set by request_level.request_data: {"snapshots": ... or None, "summaries": ...}
     agreement: dict[str, Any] | None = None
 
     def skip(self, reason: str) -> None:

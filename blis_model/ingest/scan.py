@@ -15,6 +15,9 @@ attributes of every such event as columns. Two decoders give identical columns:
   same walker, which gives every placeholder its scope, validates the line and decodes
   whatever the regex did not match. Up to :data:`MAX_LAYOUTS` layouts per kind and line.
 
+:func:`scan_with_events` also hands back, decoded whole, the events of the other scopes a
+caller keeps (journey and API events for the request table): one decode feeds both.
+
 Why it is exact: every match is a complete, valid JSON object, and replacing it by a
 JSON string keeps a valid line valid and an invalid line invalid (a match starting
 inside a string would leave a bare letter right after a closed string). So the skeleton
@@ -29,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -214,15 +217,25 @@ def _probe(line: bytes, pos: int, wanted: Wanted) -> _Layout | None:
 
 
 # -- decoding --------------------------------------------------------------------------
-def generic_columns(line: bytes, wanted: Sequence[Wanted]) -> list[EventColumns]:
-    """Columns of one line through orjson (ValueError if it is not valid OTLP JSON)."""
-    items = walk_export(parse_line(line))
+Scanned = tuple[list[EventColumns], list[Event]]
+"""What :func:`scan_with_events` returns: wanted columns, decoded events of kept scopes."""
+
+
+def generic_with_events(line: bytes, wanted: Sequence[Wanted], scopes: Collection[str] = ()
+                        ) -> Scanned:
+    """:func:`scan_with_events` through orjson (ValueError if it is not valid OTLP JSON)."""
+    items: list[Event] = walk_export(parse_line(line))  # type: ignore[assignment]
     out = []
     for w in wanted:
-        events = [e for e in items if e.name == w.name and e.scope == w.scope]  # type: ignore[union-attr]
+        events = [e for e in items if e.name == w.name and e.scope == w.scope]
         if events:
             out.append(columns_from_events(w, events))
-    return out
+    return out, [e for e in items if e.scope in scopes]
+
+
+def generic_columns(line: bytes, wanted: Sequence[Wanted]) -> list[EventColumns]:
+    """Columns of one line through orjson (ValueError if it is not valid OTLP JSON)."""
+    return generic_with_events(line, wanted)[0]
 
 
 def _merge(wanted: Wanted, seq: np.ndarray, sources: dict[int, EventColumns]
@@ -241,7 +254,8 @@ def _merge(wanted: Wanted, seq: np.ndarray, sources: dict[int, EventColumns]
     return EventColumns(wanted, n, numbers, {k: v.tolist() for k, v in strings_obj.items()})
 
 
-def _fast_columns(line: bytes, wanted: Sequence[Wanted]) -> list[EventColumns] | None:
+def _fast_columns(line: bytes, wanted: Sequence[Wanted], scopes: Collection[str] = ()
+                  ) -> Scanned | None:
     """The fast decoder; None when the line should go through the generic one."""
     layouts: list[tuple[int, _Layout, list[bytes], int]] = []  # (kind, layout, parts, count)
     skeleton = line
@@ -274,17 +288,22 @@ def _fast_columns(line: bytes, wanted: Sequence[Wanted]) -> list[EventColumns] |
     by_event = {(w.scope, w.name): k for k, w in enumerate(wanted)}
     runs: list[tuple[str, list[str]]] = []
     generic: list[list[Event]] = [[] for _ in wanted]
+    kept: list[Event] = []  # the events of ``scopes``, whole (never placeholders)
     seen: Counter[str] = Counter()
     for item in items:
         if type(item) is tuple:
             runs.append(item)
             seen.update(item[1])
         else:
+            if item.scope in scopes:  # type: ignore[union-attr]
+                kept.append(item)  # type: ignore[arg-type]
             k = by_event.get((item.scope, item.name))  # type: ignore[union-attr]
             if k is not None:
                 generic[k].append(item)  # type: ignore[arg-type]
     if seen != Counter({f"L{i}": lay[3] for i, lay in enumerate(layouts)}):
         return None  # a placeholder lost or a foreign string event: the generic path decides
+    if any(scope in scopes for scope, _ in runs):
+        return None  # a placeholder hides an event of a kept scope: the generic path decides
     mine = [[i for i, lay in enumerate(layouts) if lay[0] == k] for k in range(len(wanted))]
     foreign = any(layouts[tags[t]][1].wanted.scope != scope for scope, run in runs
                   for t in set(run))
@@ -296,8 +315,8 @@ def _fast_columns(line: bytes, wanted: Sequence[Wanted]) -> list[EventColumns] |
                 out.append(layout.columns(parts, count, None))
             elif generic[k]:
                 out.append(columns_from_events(w, generic[k]))
-        return out
-    return _interleaved(items, wanted, layouts, tags, by_event)
+        return out, kept
+    return _interleaved(items, wanted, layouts, tags, by_event), kept
 
 
 def _interleaved(items: list, wanted: Sequence[Wanted],
@@ -333,14 +352,23 @@ def _interleaved(items: list, wanted: Sequence[Wanted],
     return out
 
 
+def scan_with_events(line: bytes, wanted: Sequence[Wanted], scopes: Collection[str] = (),
+                     fast: bool = True) -> Scanned:
+    """Decode ``line`` once: one non-empty ``EventColumns`` per wanted kind present, in
+    ``wanted`` order, and every event of ``scopes`` decoded whole, in file order (as
+    :func:`~blis_model.ingest.otlp.decode_line` gives them). Raises ValueError (with the
+    reason) when the line is not valid OTLP JSON."""
+    if fast:
+        try:
+            scanned = _fast_columns(line, wanted, scopes)
+        except ValueError:  # a value the fast conversion rejects: the generic path decides
+            scanned = None
+        if scanned is not None:
+            return scanned
+    return generic_with_events(line, wanted, scopes)
+
+
 def scan_line(line: bytes, wanted: Sequence[Wanted], fast: bool = True) -> list[EventColumns]:
     """One non-empty ``EventColumns`` per wanted kind present in ``line``, in ``wanted``
     order. Raises ValueError (with the reason) when the line is not valid OTLP JSON."""
-    if fast:
-        try:
-            columns = _fast_columns(line, wanted)
-        except ValueError:  # a value the fast conversion rejects: the generic path decides
-            columns = None
-        if columns is not None:
-            return columns
-    return generic_columns(line, wanted)
+    return scan_with_events(line, wanted, (), fast)[0]
