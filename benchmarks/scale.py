@@ -43,26 +43,28 @@ def _rss_mb() -> float:
 # ------------------------------------------------------------------ one flow (subprocess)
 
 
-def run_flow(corpus: str, store: str, workers: int) -> dict[str, Any]:
+def run_flow(corpus: str, store: str, workers: int, family: str = "picf") -> dict[str, Any]:
     """Run the scale flow in this process; its wall time, manifest numbers, driver RSS."""
     from blis_model.release import read_manifest
     from flows.calibrate_at_scale import run_at_scale
 
     start = time.perf_counter()
-    url = run_at_scale(corpus, store, num_cpus=workers)
+    url = run_at_scale(corpus, store, num_cpus=workers, family=family)
     wall = time.perf_counter() - start
     manifest = read_manifest(url)
     scale = manifest["metrics"]["scale"]
-    return {"url": url, "wall_s": wall, "workers": workers,
+    return {"url": url, "wall_s": wall, "workers": workers, "family": manifest["family"],
+            "fit": scale.get("fit", ""),
             "steps": scale["total_steps"], "experiments": manifest["corpus"]["experiments"],
             "featurized": scale["experiments_featurized"], "reused": scale["experiments_reused"],
             "worker_peak_rss_mb": scale["worker_peak_rss_mb"], "driver_peak_rss_mb": _rss_mb(),
             "summary": manifest["metrics"]["summary"]}
 
 
-def flow_in_subprocess(corpus: str, store: str, workers: int, env: dict[str, str]
-                       ) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, "--run-flow", corpus, store, str(workers)],
+def flow_in_subprocess(corpus: str, store: str, workers: int, env: dict[str, str],
+                       family: str = "picf") -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "--run-flow", corpus, store, str(workers),
+                           family],
                           env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -129,12 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="processes writing the corpus")
     parser.add_argument("--ingest-experiments", type=int, default=2)
-    parser.add_argument("--run-flow", nargs=3, metavar=("CORPUS", "STORE", "WORKERS"),
+    parser.add_argument("--family", default="picf",
+                        help="family the flow calibrates (picf: exact statistics; others "
+                             "and auto: fit on a bounded sample)")
+    parser.add_argument("--run-flow", nargs=4, metavar=("CORPUS", "STORE", "WORKERS", "FAMILY"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_flow:
-        corpus, store, workers = args.run_flow
-        print("RESULT " + json.dumps(run_flow(corpus, store, int(workers))), flush=True)
+        corpus, store, workers, family = args.run_flow
+        print("RESULT " + json.dumps(run_flow(corpus, store, int(workers), family)), flush=True)
         return
 
     from blis_model.synth.bulk import corpus_size, write_bulk_corpus
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         base = str(out)
     corpus = f"{base}/corpus"
-    report: dict[str, Any] = {"command": " ".join(sys.argv), "cpus": os.cpu_count()}
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "cpus": os.cpu_count(),
+                              "family": args.family}
     try:
         start = time.perf_counter()
         written = write_bulk_corpus(corpus, args.experiments, args.steps_per_experiment,
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
 
         runs = []
         for workers in [int(w) for w in args.workers.split(",")]:
-            run = flow_in_subprocess(corpus, f"{base}/store-w{workers}", workers, env)
+            run = flow_in_subprocess(corpus, f"{base}/store-w{workers}", workers, env,
+                                     args.family)
             runs.append(run)
             log(f"{workers} worker(s): {run['wall_s']:.1f} s, {run['steps'] / run['wall_s']:,.0f} "
                 f"steps/s; worker peak RSS {max(run['worker_peak_rss_mb'].values()):.0f} MB, "
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         last = runs[-1]
         write_bulk_corpus(corpus, 1, args.steps_per_experiment, first=args.experiments)
         inc = flow_in_subprocess(corpus, f"{base}/store-w{last['workers']}", last["workers"],
-                                 env)
+                                 env, args.family)
         report["incremental"] = inc | {"ratio": inc["wall_s"] / last["wall_s"]}
         log(f"incremental (+1 experiment): {inc['wall_s']:.1f} s, featurized {inc['featurized']},"
             f" reused {inc['reused']}; {inc['wall_s'] / last['wall_s']:.2f}x the full run")
@@ -200,6 +207,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"{c['requests']:,} requests; {c['bytes_compressed'] / 1e6:,.0f} MB gzip, "
              f"{c['bytes_uncompressed'] / 1e6:,.0f} MB uncompressed; generated in "
              f"{r['generate_s']:.0f} s", "",
+             f"family {r['runs'][0]['family']}: {r['runs'][0]['fit']}", "",
              "| workers | wall s | steps/s | peak RSS per worker MB | driver peak RSS MB |",
              "|---:|---:|---:|---:|---:|"]
     for run in r["runs"]:

@@ -36,7 +36,7 @@ from blis_model.models.registry import AUTO_FAMILY, FAMILIES, make_model
 from blis_model.selection import candidate_families
 
 EXACT_FAMILY = "picf"  # fit from sufficient statistics, never from the sample
-MAX_FIT_ROWS = 200_000
+MAX_FIT_ROWS = 100_000  # < 1 GB per worker for the sample-based fits (benchmarks/scale.py)
 Scores = dict[str, dict[str, float] | None]  # kind (in_sample/temporal/loo) → summary
 
 
