@@ -254,11 +254,12 @@ def in_sample_from_shard(model: PICF, item: ShardSummary, options: dict | None =
     return summary(model.predict(frame), frame["duration_us"].to_numpy())
 
 
-def _loo_model(summaries: Sequence[ShardSummary], held: ShardSummary, **params: Any
-               ) -> PICF | None:
-    """PICF fit on the statistics of every configuration but ``held``'s (None: none)."""
+def picf_without_config(summaries: Sequence[ShardSummary], config_key: str, **params: Any
+                        ) -> PICF | None:
+    """PICF fit on the statistics of every configuration but ``config_key``: the
+    leave-one-out fold of its experiments. None when no other configuration has steps."""
     features = _features(summaries)
-    per = config_stats([s for s in summaries if s.config_key != held.config_key])
+    per = config_stats([s for s in summaries if s.config_key != config_key])
     train = total(per.values(), len(features))
     if train.sum_w <= 0:
         return None
@@ -278,26 +279,8 @@ def loo_fold_from_stats(summaries: Sequence[ShardSummary], name: str,
     the statistics of every other configuration, predict ``name``'s shard. None when no
     other configuration has steps."""
     held = _held(summaries, name)
-    model = _loo_model(summaries, held, **params) if held.rows else None
+    model = picf_without_config(summaries, held.config_key, **params) if held.rows else None
     return None if model is None else in_sample_from_shard(model, held, options)
-
-
-def validate_shard(model: PICF, temporal_model: PICF, summaries: Sequence[ShardSummary],
-                   name: str, options: dict | None = None, **params: Any
-                   ) -> dict[str, dict[str, float] | None]:
-    """Every score of experiment ``name`` from ONE read of its shard: ``in_sample``
-    (``model``), ``temporal`` (``temporal_model``, fit on the train parts, on the rows
-    after its own) and ``loo`` (fit on the other configurations' statistics; None when
-    there is none)."""
-    held = _held(summaries, name)
-    frame = read_shard(held.shard_url, _scoring_columns(held.features), options)
-    truth = frame["duration_us"].to_numpy()
-    test = frame.iloc[held.train_rows:]
-    loo = _loo_model(summaries, held, **params) if len(summaries) > 1 else None
-    return {"in_sample": summary(model.predict(frame), truth) if len(frame) else None,
-            "temporal": (summary(temporal_model.predict(test), test["duration_us"].to_numpy())
-                         if len(test) else None),
-            "loo": summary(loo.predict(frame), truth) if loo is not None and len(frame) else None}
 
 
 def loo_from_stats(summaries: Sequence[ShardSummary], options: dict | None = None,
@@ -385,14 +368,6 @@ def evaluation_from_parts(in_sample: Mapping[str, Mapping[str, float]],
 
 
 __all__ = ["ShardSummary", "featurize_to_shard", "fit_picf_from_stats", "load_summary",
-           "loo_fold_from_stats", "loo_from_stats", "read_shard", "sample_shard",
-           "shard_url_for", "temporal_from_stats", "validate_shard"]
+           "loo_fold_from_stats", "loo_from_stats", "picf_without_config", "read_shard",
+           "sample_positions", "sample_shard", "shard_url_for", "temporal_from_stats"]
 
-
-def picf_without_config(summaries: Sequence[ShardSummary], config_key: str, **params: Any
-                        ) -> PICF | None:
-    """PICF fit on the statistics of every configuration but ``config_key``: the
-    leave-one-out fold of its experiments (as :func:`loo_fold_from_stats`). None when no
-    shard has that configuration or no other configuration has steps."""
-    held = next((s for s in summaries if s.config_key == config_key), None)
-    return None if held is None else _loo_model(summaries, held, **params)

@@ -53,12 +53,10 @@ from tasks.release import publish_release
 from tasks.shards import (
     fit_family,
     fit_fold,
-    fit_from_stats,
     sample_for_fit,
     sample_rows,
     score_shard,
     shard_experiment,
-    validate_shard,
 )
 
 FAMILY = EXACT_FAMILY  # the default: fit exactly from sufficient statistics
@@ -80,24 +78,6 @@ def _peaks(memories: list[dict[str, Any]]) -> dict[str, float]:
 
 
 ScoreTable = dict[str, dict[str, dict[str, float]]]  # kind → experiment → metrics.summary
-
-
-def _exact_picf(usable: list[shards.ShardSummary], memories: list[dict[str, Any]]
-                ) -> tuple[Any, ScoreTable]:
-    """PICF fit from the summed statistics; every experiment validated from one read of
-    its shard (LOO folds from the other configurations' statistics)."""
-    model = fit_from_stats.submit(usable)
-    temporal_model = fit_from_stats.submit(usable, train=True)
-    validated = {s.experiment: validate_shard.submit(model, temporal_model, usable,
-                                                     s.experiment) for s in usable}
-    scores: ScoreTable = {"in_sample": {}, "temporal": {}, "loo": {}}
-    for name, fut in validated.items():
-        result, mem = fut.result()
-        memories.append(mem)
-        for kind, score in result.items():
-            if score is not None:
-                scores[kind][name] = score
-    return model.result(), scores
 
 
 def _resolve(fut: Any, memories: list[dict[str, Any]]) -> Any:
@@ -178,26 +158,26 @@ def calibrate_shards(corpus: str, store: str, work: str | None = None,
 
     # Fit; validate each experiment from one read of its shard; choose the family (auto).
     sample = sample_rows.submit(usable, max_sample_rows)
+    families = families_for(family)
+    models, by_family = _score_families(usable, families, max_fit_rows, memories)
     selection = None
-    fits: dict[str, Any] = {}
+    if family == AUTO_FAMILY:
+        selection = choose_family({f: by_family[f]["loo"] for f in families},
+                                  {f: by_family[f]["temporal"] for f in families})
+        family = selection.winner
+    model, scores = models[family], by_family[family]
+    fits: dict[str, Any]
     if family == EXACT_FAMILY:
-        model, scores = _exact_picf(usable, memories)
         fit, fits = fit_description(family, steps), {"fit_rows": steps}
     else:
-        families = families_for(family)
-        models, by_family = _score_families(usable, families, max_fit_rows, memories)
-        if family == AUTO_FAMILY:
-            selection = choose_family({f: by_family[f]["loo"] for f in families},
-                                      {f: by_family[f]["temporal"] for f in families})
-            family = selection.winner
-        model, scores = models[family], by_family[family]
         fit_rows, train_rows = sample_size(usable, max_fit_rows)
         fit = fit_description(family, steps, fit_rows, train_rows, max_fit_rows)
-        fits = {"fit_rows": fit_rows if family != EXACT_FAMILY else steps,
-                "max_fit_rows": max_fit_rows}
-        if selection is not None:  # every candidate's fit: the statistics or the sample
-            fits["candidates_fit"] = {f: "exact sufficient statistics" if f == EXACT_FAMILY
-                                      else "the fit sample" for f in families}
+        fits = {"fit_rows": fit_rows}
+    if any(f != EXACT_FAMILY for f in families):
+        fits["max_fit_rows"] = max_fit_rows
+    if selection is not None:  # every candidate's fit: the statistics or the sample
+        fits["candidates_fit"] = {f: "exact sufficient statistics" if f == EXACT_FAMILY
+                                  else "the fit sample" for f in families}
     logger.info("%s fit on %s", family, fit)
     frame, mem = sample.result()
     memories.append(mem)

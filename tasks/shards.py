@@ -1,5 +1,5 @@
-"""Scale tasks: featurize one experiment into a shard, fit PICF from statistics (or any
-family on a bounded sample of steps), score one shard, sample rows for the release. Each
+"""Scale tasks: featurize one experiment into a shard, fit a family (PICF from statistics,
+any other on a bounded sample of steps), score one shard, sample rows for the release. Each
 returns small values (summaries, models, scores) — never a corpus-sized frame; the fit
 sample is bounded by ``max_fit_rows`` — and reports its process's peak memory."""
 
@@ -16,7 +16,6 @@ from prefect.cache_policies import NO_CACHE
 from blis_model import feature_cache, scale_families, shards
 from blis_model.experiment import Experiment, load_experiment
 from blis_model.models.base import StepTimeModel
-from blis_model.models.picf import PICF
 from blis_model.request_level import RequestSettings
 from blis_model.storage import redact
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
@@ -52,42 +51,13 @@ def shard_experiment(corpus: str, name: str, work: str, default_hardware: str | 
     return experiment, summary, memory()
 
 
-@task(name="fit-from-stats", cache_policy=NO_CACHE)
-def fit_from_stats(summaries: Sequence[shards.ShardSummary], train: bool = False) -> PICF:
-    """PICF (global + per configuration) from the summed shard statistics."""
-    model = shards.fit_picf_from_stats(summaries, train=train)
-    get_run_logger().info("PICF fit from the statistics of %d shard(s) (%d steps%s)",
-                          len(summaries), sum(s.train_rows if train else s.rows
-                                              for s in summaries),
-                          ", temporal train parts" if train else "")
-    return model
-
-
-@task(name="validate-shard", task_run_name="validate {name}", cache_policy=NO_CACHE)
-def validate_shard(model: PICF, temporal_model: PICF,
-                   summaries: Sequence[shards.ShardSummary], name: str
-                   ) -> tuple[dict[str, dict[str, float] | None], dict[str, Any]]:
-    """In-sample, temporal-holdout and leave-one-experiment-out scores of one experiment,
-    from one read of its shard (the LOO fold is fit from the other configurations'
-    statistics)."""
-    scores = shards.validate_shard(model, temporal_model, summaries, name)
-    loo = scores["loo"]
-    if loo is not None:
-        get_run_logger().info("leave-one-out %s: MAPE %.1f%% (%d steps)", name, loo["mape"],
-                              loo["n"])
-    return scores, memory()
-
-
 @task(name="sample-rows", cache_policy=NO_CACHE)
 def sample_rows(summaries: Sequence[shards.ShardSummary], max_rows: int
                 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """A bounded, deterministic sample of steps across shards (evenly spaced by step id
     within each shard, quotas proportional to its steps), for the release's BLIS
     projection."""
-    quotas = shards.sample_quotas(summaries, max_rows)
-    parts = [shards.sample_shard(s, quotas[s.experiment]) for s in summaries
-             if quotas.get(s.experiment)]
-    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    frame = scale_families.draw_fit_sample(summaries, max_rows).frame
     get_run_logger().info("sampled %d of %d steps for the release's BLIS projection",
                           len(frame), sum(s.rows for s in summaries))
     return frame, memory()

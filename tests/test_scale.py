@@ -20,6 +20,7 @@ from blis_model.ingest.scan import _fast_columns
 from blis_model.ingest.steps import STEP_EVENTS
 from blis_model.models.picf import PICF
 from blis_model.models.registry import make_model
+from blis_model.scale_families import ShardModels, score_shard
 from blis_model.synth.bulk import corpus_size, write_bulk_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,9 @@ def test_loo_and_temporal_from_stats_equal_pipeline(real_shards) -> None:
     temporal_model = shards.fit_picf_from_stats(summaries, train=True)
     loo, temporal = shards.loo_from_stats(summaries), shards.temporal_from_stats(summaries)
     for item in summaries:
-        scores = shards.validate_shard(model, temporal_model, summaries, item.experiment)
+        models = ShardModels(model, temporal_model,
+                             shards.picf_without_config(summaries, item.config_key))
+        scores = score_shard({"picf": models}, item)["picf"]
         assert scores["loo"] == loo[item.experiment]
         assert scores["temporal"] == temporal[item.experiment]
         assert scores["in_sample"] == shards.in_sample_from_shard(model, item)
