@@ -32,21 +32,12 @@ from blis_model.dataset import concat_frames
 from blis_model.errors import CorpusError
 from blis_model.metrics import summary
 from blis_model.models.base import StepTimeModel
-from blis_model.models.registry import AUTO_FAMILY, FAMILIES, make_model
+from blis_model.models.registry import AUTO_FAMILY, check_family, make_model
 from blis_model.selection import candidate_families
 
 EXACT_FAMILY = "picf"  # fit from sufficient statistics, never from the sample
 MAX_FIT_ROWS = 100_000  # < 1 GB per worker for the sample-based fits (benchmarks/scale.py)
 Scores = dict[str, dict[str, float] | None]  # kind (in_sample/temporal/loo) → summary
-
-
-def check_family(family: str) -> str:
-    """``family`` normalised (lower case); ValueError naming the allowed values."""
-    name = family.lower()
-    if name != AUTO_FAMILY and name not in FAMILIES:
-        raise ValueError(f"unknown family '{family}'; allowed: "
-                         f"{', '.join([AUTO_FAMILY, *sorted(FAMILIES)])}")
-    return name
 
 
 def families_for(family: str) -> list[str]:
@@ -193,7 +184,7 @@ def fit_description(family: str, total_steps: int, sample_rows: int | None = Non
             "held-out configuration; every score uses all steps")
 
 
-__all__ = ["EXACT_FAMILY", "MAX_FIT_ROWS", "FitSample", "ShardModels", "check_family",
+__all__ = ["EXACT_FAMILY", "MAX_FIT_ROWS", "FitSample", "ShardModels",
            "draw_fit_sample", "families_for", "fit_description", "fit_on_sample",
            "fit_picf_exact", "fit_scale_model", "sample_size",
            "score_shard"]

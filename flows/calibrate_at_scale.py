@@ -28,14 +28,13 @@ from prefect.context import get_run_context
 
 from blis_model import shards
 from blis_model.errors import CorpusError
-from blis_model.models.registry import AUTO_FAMILY
+from blis_model.models.registry import AUTO_FAMILY, check_family
 from blis_model.release_store import _store_root
 from blis_model.request_level import RequestSettings
 from blis_model.scale_families import (
     EXACT_FAMILY,
     MAX_FIT_ROWS,
     ShardModels,
-    check_family,
     families_for,
     fit_description,
     sample_size,

@@ -21,6 +21,15 @@ DEFAULT_FAMILY = "picf"
 AUTO_FAMILY = "auto"  # choose the family by leave-one-experiment-out (blis_model.selection)
 
 
+def check_family(family: str) -> str:
+    """``family`` normalised (lower case); ValueError naming the allowed values."""
+    name = family.lower()
+    if name != AUTO_FAMILY and name not in FAMILIES:
+        raise ValueError(f"unknown family '{family}'; allowed: "
+                         f"{', '.join([AUTO_FAMILY, *sorted(FAMILIES)])}")
+    return name
+
+
 def make_model(family: str, **params: Any) -> StepTimeModel:
     """A new, unfitted estimator of ``family`` (ValueError naming the known ones)."""
     try:
