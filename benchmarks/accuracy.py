@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from blis_model.dataset import BLIS_COLUMNS, temporal_split
+from blis_model.calibration.featurize import featurize, load_experiments, training_frame
 from blis_model.features.blis_parity import BETA_NAMES, blis_step_time
+from blis_model.features.frame import BLIS_COLUMNS, temporal_split
 from blis_model.metrics import per_experiment, summary
 from blis_model.models.picf import PICF
 from blis_model.models.solvers import RelativeGram, nonneg_ridge
-from blis_model.pipeline import featurize, load_experiments, training_frame
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
 ITER29_BETAS = np.array([0.152128, 0.0, 1.36252915, 0.752037, 32.09546717, 4.41684444,

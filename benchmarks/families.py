@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 from report import table  # benchmarks/report.py (scripts run from benchmarks/)
 
-from blis_model import pipeline
-from blis_model.dataset import temporal_split
+from blis_model import metrics
+from blis_model.calibration import evaluation, featurize
+from blis_model.features.frame import temporal_split
 from blis_model.metrics import summary
 from blis_model.models.bsr_ard import transfer_check
 from blis_model.models.conformal import SplitConformal
@@ -69,13 +70,13 @@ def evaluate_family(frame: pd.DataFrame, family: str) -> dict:
             conformal = SplitConformal(make_model(family)).fit(donors)
             coverage.append(conformal.coverage(target, alpha=0.1))
     train, test = temporal_split(frame)
-    temporal = pipeline.per_experiment(test, make_model(family).fit(train).predict(test))
+    temporal = metrics.per_experiment(test, make_model(family).fit(train).predict(test))
     start = time.perf_counter()
     make_model(family).fit(frame)
     fit_s = time.perf_counter() - start
     row = {"family": family, "LOO MAPE %": float(np.mean(loo)),
            "LOO median APE %": float(np.mean(median)),
-           "temporal MAPE %": pipeline.mean_metric(temporal),
+           "temporal MAPE %": evaluation.mean_metric(temporal),
            "90% coverage": float(np.mean(coverage)) if coverage else float("nan"),
            "fit s": fit_s}
     for n in CALIBRATION_STEPS:
@@ -84,8 +85,8 @@ def evaluate_family(frame: pd.DataFrame, family: str) -> dict:
 
 
 def real_sample(corpus: str) -> pd.DataFrame:
-    items = [pipeline.featurize(e) for e in pipeline.load_experiments(corpus)]
-    return pipeline.training_frame(items)
+    items = [featurize.featurize(e) for e in featurize.load_experiments(corpus)]
+    return featurize.training_frame(items)
 
 
 def report_real(frame: pd.DataFrame, families: Sequence[str]) -> None:

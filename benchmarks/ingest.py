@@ -32,11 +32,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from blis_model.experiment import Experiment
+from blis_model.calibration.featurize import featurize, load_experiments
+from blis_model.configuration.experiment import Experiment
 from blis_model.ingest.otlp import LineStats, iter_lines
 from blis_model.ingest.reader import read_step_table, read_tables
 from blis_model.ingest.requests import read_request_table
-from blis_model.pipeline import featurize, load_experiments
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
 

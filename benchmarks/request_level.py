@@ -39,8 +39,7 @@ import numpy as np
 import pyarrow as pa
 from report import table  # benchmarks/report.py (scripts run from benchmarks/)
 
-from blis_model.alphas import AlphaFit, compare_alpha_fits
-from blis_model.experiment import load_experiment
+from blis_model.configuration.experiment import load_experiment
 from blis_model.ingest.reader import read_step_table
 from blis_model.ingest.reconstruct import (
     COMPARED,
@@ -51,7 +50,7 @@ from blis_model.ingest.reconstruct import (
 )
 from blis_model.ingest.requests import read_request_table, validate_requests
 from blis_model.models.registry import FAMILIES
-from blis_model.request_accuracy import (
+from blis_model.requests.accuracy import (
     METRICS,
     RequestData,
     load_request_data,
@@ -59,6 +58,7 @@ from blis_model.request_accuracy import (
     teacher_forced,
     temporal_request_holdout,
 )
+from blis_model.requests.alphas import AlphaFit, compare_alpha_fits
 from blis_model.synth import LinearStepTime, SynthConfig, SynthTruth, write_corpus
 
 TRAIN_FRACTION = 0.7

@@ -45,7 +45,7 @@ def _rss_mb() -> float:
 
 def run_flow(corpus: str, store: str, workers: int, family: str = "picf") -> dict[str, Any]:
     """Run the scale flow in this process; its wall time, manifest numbers, driver RSS."""
-    from blis_model.release import read_manifest
+    from blis_model.releases.read import read_manifest
     from flows.calibrate_at_scale import run_at_scale
 
     start = time.perf_counter()
@@ -79,10 +79,10 @@ def flow_in_subprocess(corpus: str, store: str, workers: int, env: dict[str, str
 def ingest_rates(corpus: str, names: list[str]) -> dict[str, float]:
     """MB/s (uncompressed) of one process over the objects of ``names``: gunzip floor,
     plain json.loads of every line, read_step_table, pipeline.featurize."""
-    from blis_model.experiment import load_experiment
+    from blis_model.calibration.featurize import featurize
+    from blis_model.configuration.experiment import load_experiment
     from blis_model.ingest.otlp import LineStats, iter_lines
     from blis_model.ingest.reader import read_step_table
-    from blis_model.pipeline import featurize
     from blis_model.storage import filesystem
 
     experiments = [load_experiment(corpus, n) for n in names]

@@ -6,8 +6,9 @@ A user error (bad corpus, configuration, store, release) is ONE line ``error: ..
 stderr (credentials redacted) and exit code 1; usage errors exit 2. ``s3://`` URLs take
 their endpoint and credentials from the environment (``storage.storage_options_for``).
 
-This module must not import Prefect or Ray at import time: ``calibrate`` imports the
-flow inside the command.
+This module is part of the pure library: it never imports Prefect, Ray or the ``flows``
+package. ``calibrate`` runs the orchestration layer's flow, found through the
+``blis_model.runners`` entry points that package registers (``pyproject.toml``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from importlib.metadata import entry_points
 from typing import Annotated, Any
 
 import click
@@ -35,23 +37,23 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from blis_model import channels, pipeline, request_level
-from blis_model.channels import Pointer, list_channels
+from blis_model.calibration import evaluation as evaluations
+from blis_model.calibration import featurize as featurization
+from blis_model.calibration.gate import load_gate
+from blis_model.calibration.selection import compare_families
+from blis_model.configuration.defaults import GATE_TOLERANCE_PP
+from blis_model.configuration.experiment import Experiment
 from blis_model.errors import BlisModelError, CorpusError, ReleaseError
-from blis_model.experiment import Experiment
 from blis_model.metrics import per_experiment
 from blis_model.models.registry import AUTO_FAMILY, FAMILIES, make_model
-from blis_model.release import (
-    Release,
-    build_release,
-    code_version,
-    load_release,
-    predict_frame,
-    read_manifest,
-    release_version,
-)
-from blis_model.release_store import diff_releases, list_releases, publish
-from blis_model.selection import compare_families
+from blis_model.releases import channels
+from blis_model.releases.build import build_release, release_version
+from blis_model.releases.channels import Pointer, list_channels
+from blis_model.releases.diff import diff_releases
+from blis_model.releases.read import Release, load_release, predict_frame, read_manifest
+from blis_model.releases.store import list_releases, publish
+from blis_model.releases.versions import code_version
+from blis_model.requests import stage as request_level
 from blis_model.storage import (
     StorageError,
     check_reachable,
@@ -152,6 +154,22 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version_c
 
 # --------------------------------------------------------------------------- helpers
 
+RUNNERS = "blis_model.runners"  # entry-point group the orchestration layer registers
+
+
+def orchestration_runner(name: str) -> Any:
+    """The callable the orchestration layer registered as ``name`` (e.g. ``calibrate``:
+    the Prefect flow on Ray). BlisModelError when it is not installed."""
+    found = list(entry_points(group=RUNNERS, name=name))
+    if not found:
+        raise BlisModelError(f"'{name}' needs the orchestration layer (flows/), which is not "
+                             "installed with this package")
+    try:
+        return found[0].load()
+    except ImportError as exc:
+        raise BlisModelError(f"the {name} flow is not available: {exc}") from None
+
+
 
 def _progress() -> Progress:
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -160,19 +178,19 @@ def _progress() -> Progress:
 
 def _featurize_all(experiments: Sequence[Experiment], options: dict[str, Any],
                    settings: request_level.RequestSettings | None = None
-                   ) -> list[pipeline.Featurized]:
+                   ) -> list[featurization.Featurized]:
     items = []
     with _progress() as progress:
         task = progress.add_task("featurize", total=len(experiments))
         for exp in experiments:
             progress.update(task, description=f"featurize {exp.name}")
-            items.append(pipeline.featurize(exp, options, settings))
+            items.append(featurization.featurize(exp, options, settings))
             progress.advance(task)
         progress.update(task, description="featurize")
     return items
 
 
-def _warn_ingest(items: Sequence[pipeline.Featurized]) -> None:
+def _warn_ingest(items: Sequence[featurization.Featurized]) -> None:
     for item in items:
         r = item.report
         dropped = int(r.counts.get("steps_bad_duration", 0))
@@ -280,14 +298,14 @@ def _fit(corpus: str, store: str, family: str, base: str | None,
         make_model(family)  # unknown family: ValueError naming the known ones
     check_reachable(store, store_opts)
     with err.status("discovering experiments"):
-        experiments = pipeline.load_experiments(corpus, corpus_opts, default_hardware)
+        experiments = featurization.load_experiments(corpus, corpus_opts, default_hardware)
     err.print(f"{len(experiments)} experiment(s) under {redact(corpus)}", markup=False)
     everything = _featurize_all(experiments, corpus_opts, settings)
     _warn_ingest(everything)
-    items, excluded = pipeline.split_overloaded(everything, settings)
+    items, excluded = featurization.split_overloaded(everything, settings)
     for name, why in excluded.items():
         err.print(f"warning: {name} excluded from training: {why}", markup=False)
-    frame = pipeline.training_frame(items)
+    frame = featurization.training_frame(items)
     selection = None
     if family == AUTO_FAMILY:
         with err.status("choosing the family (leave-one-experiment-out, temporal holdout)"):
@@ -295,17 +313,17 @@ def _fit(corpus: str, store: str, family: str, base: str | None,
         family = selection.winner
         err.print(f"family {selection.reason}", markup=False)
     with err.status(f"fitting {family} on {len(frame)} steps"):
-        model = pipeline.fit_model(frame, family,
+        model = evaluations.fit_model(frame, family,
                                    base=base_release.model if base_release else None)
     with err.status("evaluating (in-sample, temporal holdout, leave-one-out)"):
         loo, temporal = selection.results[family] if selection else (None, None)
-        evaluation = pipeline.evaluate(frame, model, family, loo=loo, temporal=temporal)
+        evaluation = evaluations.evaluate(frame, model, family, loo=loo, temporal=temporal)
         if selection:
             evaluation["family_selection"] = selection.to_dict()
     with err.status("request level: alphas, TTFT / ITL / E2E"):
         stage = request_level.request_stage(
-            pipeline.request_items(items), model, family, settings, excluded,
-            pipeline.request_items(everything))
+            featurization.request_items(items), model, family, settings, excluded,
+            featurization.request_items(everything))
     with err.status("building and publishing the release"):
         files = build_release(model, frame, [i.experiment for i in items],
                               [i.report for i in everything], corpus,
@@ -335,7 +353,7 @@ def _predict(release_url: str, corpus: str, out: str, default_hardware: str | No
     rel = _load_release(release_url)
     corpus_opts = storage_options_for(corpus)
     with err.status("discovering experiments"):
-        experiments = pipeline.load_experiments(corpus, corpus_opts, default_hardware)
+        experiments = featurization.load_experiments(corpus, corpus_opts, default_hardware)
     items = _featurize_all(experiments, corpus_opts)
     _warn_ingest(items)
     frames = [i.frame for i in items if len(i.frame)]
@@ -375,10 +393,7 @@ def calibrate(corpus: CorpusArg, store: StoreOpt, family: FamilyOpt = AUTO_FAMIL
               exclude_overloaded: OverloadOpt = False) -> None:
     """Run the Prefect calibration flow (Ray fan-out); print the release URL (last line)."""
     with _user_errors(), _stdout_to_stderr():
-        try:
-            from flows.calibrate import run_calibration as calibrate_flow
-        except ImportError as exc:
-            raise BlisModelError(f"the calibrate flow is not available: {exc}") from None
+        calibrate_flow = orchestration_runner("calibrate")
         extra: dict[str, Any] = {"base": base} if base else {}
         if max_request_failure_rate != 0.05 or exclude_overloaded:
             extra.update(max_request_failure_rate=max_request_failure_rate,
@@ -505,7 +520,7 @@ def releases_promote(store: StoreArg,
                      = None,
                      tolerance: Annotated[float, typer.Option(
                          "--tolerance", help="Gate tolerance, percentage points of MAPE.")]
-                     = channels.DEFAULT_TOLERANCE_PP,
+                     = GATE_TOLERANCE_PP,
                      default_hardware: HardwareOpt = None, as_json: JsonOpt = False) -> None:
     """Move CHANNEL of STORE to VERSION (after the golden gate); print the new pointer."""
     with _user_errors(), _stdout_to_stderr():
@@ -513,7 +528,7 @@ def releases_promote(store: StoreArg,
         gate = None
         if golden:
             with err.status("featurizing the golden corpus"):
-                gate = channels.load_gate(golden, storage_options_for(golden),
+                gate = load_gate(golden, storage_options_for(golden),
                                           default_hardware, tolerance)
         try:
             pointer = channels.promote(store, version, channel, by=by, reason=reason,
@@ -710,7 +725,7 @@ def gate(candidate: Annotated[str, typer.Argument(help="Candidate release URL.")
     """Compare CANDIDATE with the baseline on a golden corpus: step MAPE and, with journey
     traces, TTFT / ITL / E2E MAPE. Exit 1 with the reasons when the candidate is worse by
     more than the tolerance; print PASS (or --json) otherwise."""
-    from blis_model.gate import compare_releases, load_golden
+    from blis_model.calibration.gate import compare_releases, load_golden
 
     with _user_errors(), _stdout_to_stderr():
         cand = _load_release(candidate)

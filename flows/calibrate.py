@@ -12,10 +12,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, unmapped
 from prefect.context import get_run_context
 
-from blis_model import pipeline
+from blis_model.calibration import featurize as featurization
+from blis_model.calibration.selection import candidate_families
 from blis_model.models.registry import AUTO_FAMILY
-from blis_model.request_level import RequestSettings
-from blis_model.selection import candidate_families
+from blis_model.requests.stage import RequestSettings
 from blis_model.storage import redact
 from flows.runtime import (
     is_loopback,
@@ -90,8 +90,8 @@ def calibrate_corpus(corpus: str, store: str, family: str = AUTO_FAMILY,
     evaluation = accuracy_report.submit(frame, model, family, folds[family], temporal[family],
                                         selection.to_dict() if selection else None)
     requests = request_level_report.submit(
-        pipeline.request_items(items), model, family, settings, excluded,
-        pipeline.request_items(everything))
+        featurization.request_items(items), model, family, settings, excluded,
+        featurization.request_items(everything))
 
     # Release: build the files (plots included) and publish them, all or nothing; then
     # show the model card, metrics table and plots as artifacts of this run.

@@ -26,12 +26,11 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.context import get_run_context
 
-from blis_model import shards
 from blis_model.errors import CorpusError
 from blis_model.models.registry import AUTO_FAMILY, check_family
-from blis_model.release_store import _store_root
-from blis_model.request_level import RequestSettings
-from blis_model.scale_families import (
+from blis_model.requests.stage import RequestSettings
+from blis_model.scale import shards
+from blis_model.scale.sampling import (
     EXACT_FAMILY,
     MAX_FIT_ROWS,
     ShardModels,
@@ -40,6 +39,7 @@ from blis_model.scale_families import (
     sample_size,
 )
 from blis_model.storage import join, redact
+from blis_model.storage.layout import store_root
 from flows.runtime import (
     is_loopback,
     quiet_domain_tracebacks,
@@ -64,7 +64,7 @@ MAX_SAMPLE_ROWS = 20_000
 
 def work_url(store: str, work: str | None) -> str:
     """Where shards go: ``work``, else ``<store>/cache``."""
-    return work or join(_store_root(store), "cache")
+    return work or join(store_root(store), "cache")
 
 
 def _peaks(memories: list[dict[str, Any]]) -> dict[str, float]:

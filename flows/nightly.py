@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from blis_model.ingest.uploads import corpus_identity, last_calibrated, mark_calibrated, scan
 from blis_model.models.registry import AUTO_FAMILY
-from blis_model.release_store import list_releases, release_url
+from blis_model.releases.store import list_releases
 from blis_model.storage import redact
-from blis_model.uploads import corpus_identity, last_calibrated, mark_calibrated, scan
+from blis_model.storage.layout import release_url
 from flows.calibrate import calibrate
 from tasks.artifacts import plot_frame, publish_artifacts, release_plots
 from tasks.channels import move_channel, run_actor
@@ -46,8 +47,8 @@ def recalibrate(corpus: str, store: str, family: str = AUTO_FAMILY,
     frame = None if release_plots(url) else plot_frame(corpus)
     learning = None
     if frame is not None:
-        from blis_model.plots import learning_curve
-        from blis_model.release import read_manifest
+        from blis_model.calibration.evaluation import learning_curve
+        from blis_model.releases.read import read_manifest
 
         learning = learning_curve(frame, str(read_manifest(url)["family"]))
     publish_artifacts(url, frame, learning)

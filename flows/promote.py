@@ -7,7 +7,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from blis_model.channels import DEFAULT_TOLERANCE_PP, GateRefused, read_channel
+from blis_model.configuration.defaults import GATE_TOLERANCE_PP
+from blis_model.releases.channels import GateRefused, read_channel
 from blis_model.storage import redact
 from tasks.artifacts import gate_markdown
 from tasks.channels import load_gate, move_channel, run_actor
@@ -16,7 +17,7 @@ from tasks.channels import load_gate, move_channel, run_actor
 @flow(name="promote")
 def promote(version: str, channel: str = "stable", store: str = "", golden: str = "",
             reason: str = "", promoted_by: str = "",
-            tolerance_pp: float = DEFAULT_TOLERANCE_PP) -> dict:
+            tolerance_pp: float = GATE_TOLERANCE_PP) -> dict:
     """Point ``channel`` of ``store`` at release ``version``. When ``golden`` (a corpus)
     is set, refuse a release whose step MAPE on it is worse than the channel's current
     release's by more than ``tolerance_pp`` points. Returns the new pointer."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
+from blis_model.ingest.uploads import load_seen, new_experiments, save_seen, scan
 from blis_model.storage import redact
-from blis_model.uploads import load_seen, new_experiments, save_seen, scan
 
 EVENT = "blis.experiment.uploaded"
 

@@ -20,8 +20,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from blis_model import plots
-from blis_model.release import MODEL_CARD, load_release, predict_frame
+from blis_model.releases import plots
+from blis_model.releases.files import MODEL_CARD
+from blis_model.releases.read import load_release, predict_frame
 from blis_model.storage import filesystem, join, redact, storage_errors
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
 
@@ -167,9 +168,9 @@ def publish_artifacts(release_url: str, frame: pd.DataFrame | None = None,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
 def plot_frame(corpus: str) -> pd.DataFrame:
     """The corpus's feature frame, to draw a release's plots when its folder has none."""
-    from blis_model.channels import golden_frame
+    from blis_model.calibration.gate import load_golden
 
-    frame = golden_frame(corpus)
+    frame = load_golden(corpus).frame
     get_run_logger().info("drawing plots from %d steps of %s", len(frame), redact(corpus))
     return frame
 

@@ -6,8 +6,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
-from blis_model import channels
-from blis_model.channels import ChannelConflict, Pointer
+from blis_model.calibration.gate import load_gate as golden_gate
+from blis_model.configuration.defaults import GATE_TOLERANCE_PP
+from blis_model.releases import channels
+from blis_model.releases.channels import ChannelConflict, Pointer
 from blis_model.storage import redact
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
 
@@ -33,10 +35,10 @@ def run_actor() -> str:
 
 @task(name="load-gate", cache_policy=NO_CACHE, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
-def load_gate(corpus: str, tolerance_pp: float = channels.DEFAULT_TOLERANCE_PP
+def load_gate(corpus: str, tolerance_pp: float = GATE_TOLERANCE_PP
               ) -> channels.Gate:
     """The promotion gate on the golden corpus (featurized once, here)."""
-    gate = channels.load_gate(corpus, tolerance_pp=tolerance_pp)
+    gate = golden_gate(corpus, tolerance_pp=tolerance_pp)
     get_run_logger().info("golden corpus %s featurized: candidates may not be worse than the "
                           "current release by more than %g percentage point(s)",
                           redact(corpus), tolerance_pp)

@@ -8,16 +8,17 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blis_model import pipeline, request_level
+from blis_model.calibration import evaluation as evaluations
+from blis_model.calibration.selection import Selection, choose, score
 from blis_model.models.base import StepTimeModel
-from blis_model.request_accuracy import RequestData
-from blis_model.selection import Selection, choose, score
+from blis_model.requests import stage as request_level
+from blis_model.requests.accuracy import RequestData
 
 
 @task(name="loo-fold", task_run_name="loo-fold {name}", cache_policy=NO_CACHE)
 def loo_fold(frame: pd.DataFrame, name: str, family: str) -> dict[str, float] | None:
     """Zero-shot accuracy on ``name``: fit on the other configurations, predict it."""
-    fold = pipeline.leave_one_out_fold(frame, name, family)
+    fold = evaluations.leave_one_out_fold(frame, name, family)
     if fold is None:
         get_run_logger().info("leave-one-out %s: skipped (no other configuration)", name)
     else:
@@ -29,7 +30,7 @@ def loo_fold(frame: pd.DataFrame, name: str, family: str) -> dict[str, float] | 
 @task(name="temporal-holdout", cache_policy=NO_CACHE)
 def temporal_holdout(frame: pd.DataFrame, family: str) -> dict[str, dict[str, float]]:
     """Fit on the first 70% of every experiment's steps, score the last 30%."""
-    return pipeline.temporal_holdout(frame, family)
+    return evaluations.temporal_holdout(frame, family)
 
 
 def _completed_folds(loo: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -53,9 +54,9 @@ def accuracy_report(frame: pd.DataFrame, model: StepTimeModel, family: str,
                     loo: dict[str, dict[str, float] | None],
                     temporal: dict[str, dict[str, float]],
                     selection: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The release's evaluation (``pipeline.evaluate``) from the folds run as tasks, with
+    """The release's evaluation (``evaluations.evaluate``) from the folds run as tasks, with
     the family comparison when the family was chosen automatically."""
-    evaluation = pipeline.evaluate(frame, model, family, loo=_completed_folds(loo),
+    evaluation = evaluations.evaluate(frame, model, family, loo=_completed_folds(loo),
                                    temporal=temporal)
     if selection:
         evaluation["family_selection"] = selection

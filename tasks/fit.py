@@ -16,11 +16,11 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blis_model import pipeline
+from blis_model.calibration import evaluation
 from blis_model.metrics import summary
 from blis_model.models.base import StepTimeModel
 from blis_model.models.registry import make_model
-from blis_model.release import Release, load_release
+from blis_model.releases.read import Release, load_release
 from blis_model.storage import redact
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
 
@@ -50,7 +50,7 @@ def fit_global(frame: pd.DataFrame, family: str, base: StepTimeModel | None = No
     if base is not None and specialists:
         return base
     params = {"per_config": False} if specialists and base is None else {}
-    model = pipeline.fit_model(frame, family, base=base, **params)
+    model = evaluation.fit_model(frame, family, base=base, **params)
     fit = summary(model.predict(frame), frame["duration_us"].to_numpy())
     get_run_logger().info("%s %s on %d steps of %d experiment(s): in-sample MAPE %.1f%%",
                           "calibrated" if base is not None else "global fit", family, len(frame),

@@ -9,10 +9,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blis_model import pipeline
-from blis_model.experiment import load_experiment
-from blis_model.feature_cache import featurize_cached
-from blis_model.request_level import RequestSettings
+from blis_model.calibration import featurize as featurization
+from blis_model.calibration.cache import featurize_cached
+from blis_model.configuration.experiment import load_experiment
+from blis_model.requests.stage import RequestSettings
 from blis_model.storage import check_reachable, redact
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
 
@@ -44,7 +44,7 @@ def preflight(corpus: str, store: str) -> None:
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
 def discover(corpus: str) -> list[str]:
     """Names of the corpus's experiments (CorpusError when there are none)."""
-    names = pipeline.experiment_names(corpus)
+    names = featurization.experiment_names(corpus)
     get_run_logger().info("found %d experiment(s) under %s: %s", len(names), redact(corpus),
                           ", ".join(names))
     return names
@@ -54,7 +54,7 @@ def discover(corpus: str) -> list[str]:
       retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
 def featurize(corpus: str, name: str, default_hardware: str | None = None,
               settings: RequestSettings | None = None, store: str | None = None
-              ) -> pipeline.Featurized:
+              ) -> featurization.Featurized:
     """Load one experiment's configuration and stream its traces into its feature frame
     (with its request data when the traces have journey/API spans).
 
@@ -68,7 +68,7 @@ def featurize(corpus: str, name: str, default_hardware: str | None = None,
     _crash_once_if_asked(name)
     logger = get_run_logger()
     if store is None:
-        item = pipeline.featurize(load_experiment(corpus, name, None, default_hardware), None,
+        item = featurization.featurize(load_experiment(corpus, name, None, default_hardware), None,
                                   settings)
     else:
         item, cached = featurize_cached(corpus, name, store, default_hardware=default_hardware,
@@ -111,10 +111,10 @@ def _crash_once_if_asked(name: str) -> None:
 
 
 @task(name="select-training", cache_policy=NO_CACHE)
-def select_training(items: Sequence[pipeline.Featurized], settings: RequestSettings
-                    ) -> tuple[list[pipeline.Featurized], dict[str, str]]:
+def select_training(items: Sequence[featurization.Featurized], settings: RequestSettings
+                    ) -> tuple[list[featurization.Featurized], dict[str, str]]:
     """(kept, excluded name → reason): overloaded experiments left out when configured."""
-    kept, excluded = pipeline.split_overloaded(items, settings)
+    kept, excluded = featurization.split_overloaded(items, settings)
     for name, why in excluded.items():
         get_run_logger().warning("%s excluded from training: %s", name, why)
     return kept, excluded

@@ -10,12 +10,13 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blis_model.experiment import Experiment
+from blis_model.configuration.experiment import Experiment
 from blis_model.ingest.reader import IngestReport
 from blis_model.models.base import StepTimeModel
-from blis_model.release import MANIFEST, build_release, release_version
-from blis_model.release_store import publish
-from blis_model.request_level import RequestStage
+from blis_model.releases.build import build_release, release_version
+from blis_model.releases.files import MANIFEST
+from blis_model.releases.store import publish
+from blis_model.requests.stage import RequestStage
 from blis_model.storage import redact
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
 

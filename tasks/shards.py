@@ -13,10 +13,12 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blis_model import feature_cache, scale_families, shards
-from blis_model.experiment import Experiment, load_experiment
+from blis_model.calibration import cache as feature_cache
+from blis_model.configuration.experiment import Experiment, load_experiment
 from blis_model.models.base import StepTimeModel
-from blis_model.request_level import RequestSettings
+from blis_model.requests.stage import RequestSettings
+from blis_model.scale import sampling as scale_families
+from blis_model.scale import shards
 from blis_model.storage import redact
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
 

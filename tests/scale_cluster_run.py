@@ -17,7 +17,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 def main(corpus: str, store: str) -> None:
     from ray.cluster_utils import Cluster
 
-    from blis_model.release import read_manifest
+    from blis_model.releases.read import read_manifest
     from blis_model.synth.bulk import write_bulk_corpus
     from flows.calibrate_at_scale import run_at_scale
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blis_model.alphas import AlphaFit, compare_alpha_fits, fit_alphas, robust_linear_fit
+from blis_model.configuration.experiment import load_experiment
 from blis_model.errors import CorpusError
-from blis_model.experiment import load_experiment
 from blis_model.ingest.requests import REQUEST_SCHEMA, read_request_table
+from blis_model.requests.alphas import AlphaFit, compare_alpha_fits, fit_alphas, robust_linear_fit
 from blis_model.synth import SynthConfig, write_experiment
 
 

@@ -21,7 +21,7 @@ from builders import (
 from typer.testing import CliRunner
 
 from blis_model.cli import app
-from blis_model.hardware import known_hardware
+from blis_model.configuration.hardware import known_hardware
 
 runner = CliRunner()
 

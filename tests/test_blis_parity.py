@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blis_model.architecture import ModelArch
-from blis_model.dataset import feature_frame
+from blis_model.calibration.featurize import load_experiments
+from blis_model.configuration.architecture import ModelArch
+from blis_model.configuration.hardware import hardware_spec
 from blis_model.features.blis_parity import BETA_NAMES, blis_basis, blis_step_time
 from blis_model.features.context import FeatureContext
-from blis_model.hardware import hardware_spec
+from blis_model.features.frame import feature_frame
 from blis_model.ingest.reader import read_step_table
-from blis_model.pipeline import load_experiments
 
 H100 = hardware_spec("H100")
 PEAK_BF16 = 989.5e6  # FLOP/µs

@@ -10,16 +10,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from blis_model import channels, pipeline
-from blis_model.channels import ChannelConflict, GateRefused
+from blis_model.calibration import evaluation as evaluations
+from blis_model.calibration import featurize as featurization
+from blis_model.calibration.gate import GoldenSet, compare_releases
 from blis_model.cli import app
 from blis_model.errors import ReleaseError
-from blis_model.release import build_release, release_version
-from blis_model.release_store import diff_releases, list_releases, publish, release_url
+from blis_model.releases import channels
+from blis_model.releases.build import build_release, release_version
+from blis_model.releases.channels import ChannelConflict, GateRefused
+from blis_model.releases.diff import diff_releases
+from blis_model.releases.store import list_releases, publish
+from blis_model.storage.layout import release_url
 
 SAMPLE = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
 
@@ -28,7 +32,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
 class Built:
     good: dict[str, bytes]  # fit on the whole sample corpus
     bad: dict[str, bytes]  # fit on one experiment only: worse on the others
-    golden: pd.DataFrame  # the sample corpus's feature frame
+    gate: channels.Gate  # the golden gate on the sample corpus
     rebuild: Callable[[], dict[str, bytes]]  # the good release again, with a new version
 
     @property
@@ -38,19 +42,20 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built() -> Built:
-    experiments = pipeline.load_experiments(str(SAMPLE))
-    items = [pipeline.featurize(e) for e in experiments]
-    frame = pipeline.training_frame(items)
+    experiments = featurization.load_experiments(str(SAMPLE))
+    items = [featurization.featurize(e) for e in experiments]
+    frame = featurization.training_frame(items)
     builders = []
     for keep in (experiments, experiments[:1]):
         names = {e.name for e in keep}
         part = frame[frame["experiment"].isin(names)].reset_index(drop=True)
-        model = pipeline.fit_model(part, "picf")
-        evaluation = pipeline.evaluate(part, model, "picf")
+        model = evaluations.fit_model(part, "picf")
+        evaluation = evaluations.evaluate(part, model, "picf")
         reports = [i.report for i in items if i.experiment.name in names]
         builders.append(functools.partial(build_release, model, part, keep, reports,
                                           str(SAMPLE), evaluation, "picf"))
-    return Built(builders[0](), builders[1](), frame, builders[0])
+    gate = functools.partial(compare_releases, golden=GoldenSet(str(SAMPLE), frame))
+    return Built(builders[0](), builders[1](), gate, builders[0])
 
 
 def fill(store: str, built: Built, options: dict | None = None) -> tuple[str, str]:
@@ -59,7 +64,7 @@ def fill(store: str, built: Built, options: dict | None = None) -> tuple[str, st
     return built.versions
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.services)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A local store, or one on the real S3 server (AWS_* env set for the test)."""
     if request.param == "local":
@@ -81,12 +86,12 @@ def test_promote_gate_rollback_and_history(store: str, built: Built) -> None:
     assert channels.read_channel(store, "stable").pointer is None
 
     first = channels.promote(store, good, "stable", by="alice", reason="first release",
-                             golden=built.golden)
+                             gate=built.gate)
     assert (first.version, first.previous, first.seq, first.by) == (good, None, 1, "alice")
     assert first.gate["passed"] and first.gate["baseline"] is None
 
     with pytest.raises(GateRefused, match=r"worse than .* by more than 1 percentage point"):
-        channels.promote(store, bad, "stable", by="bob", golden=built.golden)
+        channels.promote(store, bad, "stable", by="bob", gate=built.gate)
     assert channels.read_channel(store, "stable").pointer == first  # unchanged
 
     moved = channels.promote(store, bad, "stable", by="bob", reason="forced, no gate")
@@ -182,7 +187,7 @@ def test_cli_promote_list_diff_rollback(store: str, built: Built) -> None:
 
 RACER = """
 import os, sys, time
-from blis_model import channels
+from blis_model.releases import channels
 store, version, go, name = sys.argv[1:5]
 snapshot = channels.read_channel(store, "stable")
 print("ready", flush=True)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from blis_model import pipeline
+from blis_model.calibration import featurize
 from blis_model.cli import app
 from blis_model.models.registry import FAMILIES
-from blis_model.release import load_release, predict_frame
+from blis_model.releases.read import load_release, predict_frame
 
 SAMPLE = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
 SAMPLE_EXPERIMENTS = sorted(p.name for p in SAMPLE.iterdir() if p.is_dir())
@@ -80,8 +80,8 @@ def test_predict_writes_one_row_per_traced_step(fitted_release: tuple[str, Path,
     predicted = np.array([float(r["predicted_us"]) for r in rows])
     assert np.isfinite(predicted).all() and (predicted > 0).all()
     # the CLI's numbers are the library's numbers for the same release
-    items = [pipeline.featurize(e) for e in pipeline.load_experiments(str(SAMPLE))]
-    frame = pipeline.training_frame(items).sort_values(["experiment", "step_id"])
+    items = [featurize.featurize(e) for e in featurize.load_experiments(str(SAMPLE))]
+    frame = featurize.training_frame(items).sort_values(["experiment", "step_id"])
     np.testing.assert_allclose(predicted, predict_frame(load_release(url), frame), rtol=1e-12)
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from blis_model.architecture import arch_from_hf_config, bundled_model_config
+from blis_model.configuration.architecture import arch_from_hf_config, bundled_model_config
+from blis_model.configuration.experiment import load_experiment, parse_server_config
+from blis_model.configuration.hardware import hardware_spec, known_hardware
 from blis_model.errors import ConfigError
-from blis_model.experiment import load_experiment, parse_server_config
-from blis_model.hardware import hardware_spec, known_hardware
 
 SAMPLE = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
 

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from sklearn.base import clone
 
-from blis_model.architecture import arch_from_hf_config
+from blis_model.configuration.architecture import arch_from_hf_config
+from blis_model.configuration.hardware import hardware_spec
 from blis_model.features.candidates import CANDIDATE_FEATURES, EXTRA_FEATURES
 from blis_model.features.context import FeatureContext
 from blis_model.features.registry import REGISTRY
-from blis_model.hardware import hardware_spec
 from blis_model.models.bsr_ard import BSRARD, transfer_check, z_score_check
 from blis_model.models.conformal import SplitConformal
 from blis_model.models.hfd_tl import HFDTL, learning_curve

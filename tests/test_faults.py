@@ -16,6 +16,8 @@ import pytest
 from builders import upload_sample
 from flow_services import task_runs_of_last
 
+from blis_model.calibration import evaluation, featurize
+
 pytestmark = pytest.mark.services
 
 SAMPLE = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
@@ -89,7 +91,7 @@ def workers(prefect_api: str, s3_server: Any, tmp_path_factory: pytest.TempPathF
 
 
 def coefficients(url: str) -> dict[str, Any]:
-    from blis_model.release import COEFFICIENTS
+    from blis_model.releases.files import COEFFICIENTS
     from blis_model.storage import filesystem, join
 
     fs, path = filesystem(join(url, COEFFICIENTS))
@@ -118,11 +120,11 @@ def test_a_ray_worker_dying_in_featurize_is_retried_with_the_same_result(
 
 def clean_model(corpus: str, family: str) -> dict[str, Any]:
     """The coefficients a clean in-process fit (no Prefect, no Ray) publishes."""
-    from blis_model import pipeline
-    from blis_model.release import dumps_json
 
-    items = [pipeline.featurize(e) for e in pipeline.load_experiments(corpus)]
-    model = pipeline.fit_model(pipeline.training_frame(items), family)
+    from blis_model.releases.build import dumps_json
+
+    items = [featurize.featurize(e) for e in featurize.load_experiments(corpus)]
+    model = evaluation.fit_model(featurize.training_frame(items), family)
     return json.loads(dumps_json(model.to_dict()))
 
 
@@ -131,10 +133,9 @@ def test_corrupt_trace_objects_are_skipped_and_reported(
         workers: tuple[dict[str, str], Path]) -> None:
     import pandas as pd
 
-    from blis_model import pipeline
-    from blis_model.experiment import load_experiment
-    from blis_model.release import read_manifest
-    from blis_model.release_store import list_releases
+    from blis_model.configuration.experiment import load_experiment
+    from blis_model.releases.read import read_manifest
+    from blis_model.releases.store import list_releases
     from flows.calibrate import run_calibration
 
     bucket = s3_server.make_bucket()
@@ -162,8 +163,8 @@ def test_corrupt_trace_objects_are_skipped_and_reported(
     assert steps[garbage] == 0 and 0 < steps[half] < 256
     assert steps[EXPERIMENTS[0]] == 123 and steps[EXPERIMENTS[3]] > 0  # the rest, whole
     # The steps kept from the half object are exactly those of its complete lines.
-    kept = pipeline.featurize(load_experiment(corpus, half)).frame
-    whole = pipeline.featurize(load_experiment(str(SAMPLE), half)).frame
+    kept = featurize.featurize(load_experiment(corpus, half)).frame
+    whole = featurize.featurize(load_experiment(str(SAMPLE), half)).frame
     assert len(kept) == steps[half]
     columns = ["step_id", "duration_us"]
     merged = kept[columns].merge(whole[columns], on="step_id", suffixes=("", "_whole"))
@@ -227,9 +228,9 @@ def test_store_unreachable_mid_run_fails_cleanly_and_a_rerun_succeeds(
         ) -> None:
     import threading
 
-    from blis_model import channels, pipeline
-    from blis_model.release import build_release, release_version
-    from blis_model.release_store import list_releases, publish
+    from blis_model.releases import channels
+    from blis_model.releases.build import build_release, release_version
+    from blis_model.releases.store import list_releases, publish
     from blis_model.storage import StorageError
     from deploy.s3_local import start_s3_server
     from flows.nightly import recalibrate
@@ -243,12 +244,12 @@ def test_store_unreachable_mid_run_fails_cleanly_and_a_rerun_succeeds(
         corpus, store = f"s3://{bucket}/traces", f"s3://{bucket}/store"
         upload_sample(server, bucket, "traces", EXPERIMENTS[:2])
         # The channels point at an earlier release.
-        items = [pipeline.featurize(e) for e in pipeline.load_experiments(str(SAMPLE))[:1]]
-        frame = pipeline.training_frame(items)
-        model = pipeline.fit_model(frame, "picf")
+        items = [featurize.featurize(e) for e in featurize.load_experiments(str(SAMPLE))[:1]]
+        frame = featurize.training_frame(items)
+        model = evaluation.fit_model(frame, "picf")
         files = build_release(model, frame, [i.experiment for i in items],
                               [i.report for i in items], str(SAMPLE),
-                              pipeline.evaluate(frame, model, "picf"), "picf",
+                              evaluation.evaluate(frame, model, "picf"), "picf",
                               with_plots=False)
         earlier = release_version(files)
         publish(files, store, earlier)

@@ -14,11 +14,14 @@ import pytest
 import yaml
 from flow_services import task_runs_of_last
 
-from blis_model import pipeline
+from blis_model.calibration import evaluation as evaluations
+from blis_model.calibration import featurize as featurization
+from blis_model.calibration.selection import candidate_families, compare_families
 from blis_model.errors import ConfigError
-from blis_model.release import COEFFICIENTS, DEFAULTS, build_release, read_manifest
-from blis_model.release_store import list_releases
-from blis_model.selection import candidate_families, compare_families
+from blis_model.releases.build import build_release
+from blis_model.releases.files import COEFFICIENTS, DEFAULTS
+from blis_model.releases.read import read_manifest
+from blis_model.releases.store import list_releases
 from blis_model.storage import is_committed
 from flows.calibrate import run_calibration
 
@@ -49,14 +52,14 @@ def assert_close(got: Any, want: Any, where: str = "") -> None:
 def in_process_release(corpus: str) -> dict[str, bytes]:
     """The same release built without Prefect or Ray (what ``blis-model fit`` does): the
     family is chosen by leave-one-experiment-out among all families."""
-    experiments = pipeline.load_experiments(corpus)
-    items = [pipeline.featurize(e) for e in experiments]
-    frame = pipeline.training_frame(items)
+    experiments = featurization.load_experiments(corpus)
+    items = [featurization.featurize(e) for e in experiments]
+    frame = featurization.training_frame(items)
     selection = compare_families(frame)
     family = selection.winner
-    model = pipeline.fit_model(frame, family)
+    model = evaluations.fit_model(frame, family)
     loo, temporal = selection.results[family]
-    evaluation = pipeline.evaluate(frame, model, family, loo=loo, temporal=temporal)
+    evaluation = evaluations.evaluate(frame, model, family, loo=loo, temporal=temporal)
     evaluation["family_selection"] = selection.to_dict()
     return build_release(model, frame, experiments, [i.report for i in items], corpus,
                          evaluation, family)

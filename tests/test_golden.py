@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from blis_model import golden
+from blis_model.releases import golden_vectors as golden
 
 ROOT = Path(__file__).resolve().parent.parent
 GOEVAL = ROOT / "deploy" / "goeval"

@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from blis_model.dataset import feature_frame
-from blis_model.experiment import Experiment, load_experiment
+from blis_model.calibration.featurize import load_experiments
+from blis_model.configuration.experiment import Experiment, load_experiment
+from blis_model.features.frame import feature_frame
 from blis_model.ingest import otlp, scan
 from blis_model.ingest.otlp import (
     API_SCOPE,
@@ -37,7 +38,6 @@ from blis_model.ingest.reader import REQUEST_SCOPES, read_step_table, read_table
 from blis_model.ingest.requests import read_request_table
 from blis_model.ingest.scan import scan_line, scan_with_events
 from blis_model.ingest.steps import COMPOSITION_COLUMNS, STEP_EVENTS, StepTableBuilder
-from blis_model.pipeline import load_experiments
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
 EXPECTED_STEPS = {"h100-codellama-34b-bf16": 123, "h100-llama-2-7b-bf16": 256,

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from builders import upload_sample
 
-from blis_model import channels, pipeline
-from blis_model.release import build_release, release_version
-from blis_model.release_store import list_releases, publish
+from blis_model.calibration import evaluation, featurize
+from blis_model.releases import channels
+from blis_model.releases.build import build_release, release_version
+from blis_model.releases.store import list_releases, publish
 from deploy.deployments import UPLOAD_EVENT, Settings, build_deployments
 
 pytestmark = pytest.mark.services
@@ -202,17 +203,17 @@ def release_version_of(url: str) -> str:
 @pytest.fixture(scope="module")
 def two_releases() -> tuple[dict[str, bytes], dict[str, bytes]]:
     """A good release (all four experiments) and a worse one (fit on one experiment)."""
-    experiments = pipeline.load_experiments(str(SAMPLE))
-    items = [pipeline.featurize(e) for e in experiments]
-    frame = pipeline.training_frame(items)
+    experiments = featurize.load_experiments(str(SAMPLE))
+    items = [featurize.featurize(e) for e in experiments]
+    frame = featurize.training_frame(items)
     out = []
     for keep in (experiments, experiments[:1]):
         names = {e.name for e in keep}
         part = frame[frame["experiment"].isin(names)].reset_index(drop=True)
-        model = pipeline.fit_model(part, "picf")
+        model = evaluation.fit_model(part, "picf")
         out.append(build_release(model, part, keep, [i.report for i in items
                                                      if i.experiment.name in names],
-                                 str(SAMPLE), pipeline.evaluate(part, model, "picf"), "picf"))
+                                 str(SAMPLE), evaluation.evaluate(part, model, "picf"), "picf"))
     return out[0], out[1]
 
 
@@ -282,7 +283,7 @@ def test_settings_come_from_the_environment() -> None:
 def test_an_experiment_still_uploading_waits_for_the_next_scan(tmp_path: Path) -> None:
     import shutil
 
-    from blis_model import uploads
+    from blis_model.ingest import uploads
 
     # Fresh mtimes (copy, not copy2): the objects were "just uploaded".
     shutil.copytree(SAMPLE / EXPERIMENTS[0], tmp_path / "traces" / "a",
@@ -305,7 +306,7 @@ def test_featurized_experiments_are_reused_until_their_objects_change(tmp_path: 
 
     import pandas as pd
 
-    from blis_model import feature_cache
+    from blis_model.calibration import cache as feature_cache
 
     corpus, store = tmp_path / "traces", str(tmp_path / "store")
     for name in EXPERIMENTS[:2]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blis_model.architecture import arch_from_hf_config
+from blis_model.configuration.architecture import arch_from_hf_config
+from blis_model.configuration.hardware import hardware_spec
 from blis_model.features.context import FeatureContext
 from blis_model.features.physics import PHYSICS_FEATURES, expected_active_experts
 from blis_model.features.registry import REGISTRY, compute
-from blis_model.hardware import hardware_spec
 
 LLAMA2 = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
           "num_hidden_layers": 32, "num_key_value_heads": 32, "vocab_size": 32000}

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from blis_model import pipeline
-from blis_model.dataset import feature_frame
-from blis_model.experiment import load_experiment
+from blis_model.calibration import featurize
+from blis_model.configuration.experiment import load_experiment
+from blis_model.features.frame import feature_frame
 from blis_model.ingest.otlp import JOURNEY_SCOPE, STEP_SCOPE
 from blis_model.ingest.reader import IngestReport, read_step_table, read_tables
 from blis_model.ingest.reconstruct import (
@@ -25,7 +25,7 @@ from blis_model.ingest.reconstruct import (
 )
 from blis_model.ingest.requests import read_request_table, validate_requests
 from blis_model.ingest.steps import COMPOSITION_COLUMNS
-from blis_model.request_level import RequestSettings, request_data
+from blis_model.requests.stage import RequestSettings, request_data
 from blis_model.synth import SynthConfig, write_experiment
 
 # scarce KV: hundreds of preemptions, chunked prefills, recomputation after resume
@@ -196,7 +196,7 @@ def test_featurize_opens_a_journey_trace_once(journey_corpus, monkeypatch, reque
         return original(self, path, *args, **kwargs)
 
     monkeypatch.setattr(LocalFileSystem, "open", counting_open)
-    item = pipeline.featurize(exp, settings=RequestSettings(requests=requests))
+    item = featurize.featurize(exp, settings=RequestSettings(requests=requests))
     assert [p for p in opened if "traces.json" in p] == [exp.trace_url.removeprefix("file://")]
     assert item.report.lines_malformed == 3
     if requests is False:

@@ -16,24 +16,21 @@ import pandas as pd
 import pytest
 import yaml
 
-from blis_model import pipeline
-from blis_model.dataset import BLIS_COLUMNS
+from blis_model.calibration import evaluation, featurize
+from blis_model.configuration import experiment
+from blis_model.configuration.defaults import BLIS_SHIPPED_ALPHAS
+from blis_model.configuration.experiment import Experiment
+from blis_model.configuration.hardware import known_hardware
 from blis_model.errors import ReleaseError
-from blis_model.experiment import Experiment
 from blis_model.features.blis_parity import blis_step_time
-from blis_model.hardware import known_hardware
+from blis_model.features.frame import BLIS_COLUMNS
 from blis_model.models.base import StepTimeModel
 from blis_model.models.registry import FAMILIES
-from blis_model.release import (
-    ALLOWED_DEFAULTS_KEYS,
-    BLIS_SHIPPED_ALPHAS,
-    build_release,
-    load_release,
-    new_version,
-    predict_frame,
-    release_version,
-)
-from blis_model.release_store import list_releases, publish
+from blis_model.releases.build import build_release, release_version
+from blis_model.releases.files import ALLOWED_DEFAULTS_KEYS
+from blis_model.releases.read import load_release, predict_frame
+from blis_model.releases.store import list_releases, publish
+from blis_model.releases.versions import new_version
 from blis_model.storage import StorageError
 
 SAMPLE = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
@@ -44,7 +41,7 @@ MODEL_CONFIG_NAMES = {"codellama-34b-hf", "llama-2-7b-hf", "llama-3.1-8b", "mixt
 @dataclass
 class Fitted:
     experiments: list[Experiment]
-    items: list[pipeline.Featurized]
+    items: list[featurize.Featurized]
     frame: pd.DataFrame
     model: StepTimeModel
     evaluation: dict
@@ -57,16 +54,16 @@ class Fitted:
 
 @pytest.fixture(scope="module")
 def fitted() -> Fitted:
-    experiments = pipeline.load_experiments(str(SAMPLE))
-    items = [pipeline.featurize(e) for e in experiments]
-    frame = pipeline.training_frame(items)
-    model = pipeline.fit_model(frame)
-    return Fitted(experiments, items, frame, model, pipeline.evaluate(frame, model))
+    experiments = featurize.load_experiments(str(SAMPLE))
+    items = [featurize.featurize(e) for e in experiments]
+    frame = featurize.training_frame(items)
+    model = evaluation.fit_model(frame)
+    return Fitted(experiments, items, frame, model, evaluation.evaluate(frame, model))
 
 
 @pytest.fixture(scope="module")
 def files(fitted: Fitted) -> dict[str, bytes]:
-    return fitted.build()
+    return fitted.build(learning_curve=evaluation.learning_curve(fitted.frame, "picf"))
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +86,10 @@ def test_published_release_has_every_file(files: dict[str, bytes], tmp_path: Pat
     assert _tree(folder) == expected
     for rel, data in files.items():
         assert (folder / rel).read_bytes() == data
+    # readable by everyone who may read the store (a shared filesystem): 0755 / 0644
+    assert {oct(p.stat().st_mode & 0o777) for p in [folder, *folder.rglob("*")] if p.is_dir()
+            } == {"0o755"}
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.rglob("*") if p.is_file()} == {"0o644"}
     # the model config shipped is the one the experiment was featurized with
     shipped = json.loads((folder / "model_configs/llama-2-7b-hf/config.json").read_text())
     assert shipped == json.loads((SAMPLE / "h100-llama-2-7b-bf16/config.json").read_text())
@@ -134,7 +135,7 @@ def test_manifest_records_provenance_metrics_and_schema(manifest: dict, fitted: 
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", manifest["created_at"])
     assert manifest["family"] == "picf" and manifest["base_version"] is None
     assert manifest["corpus"]["url"] == str(SAMPLE)
-    assert manifest["corpus"]["fingerprint"] == pipeline.corpus_fingerprint(fitted.experiments)
+    assert manifest["corpus"]["fingerprint"] == experiment.corpus_fingerprint(fitted.experiments)
     assert manifest["corpus"]["steps"] == 791
     assert manifest["code"]["package"] == "blis-model" and manifest["code"]["version"]
     names = sorted(e.name for e in fitted.experiments)
@@ -283,7 +284,7 @@ def test_publish_over_s3_is_atomic(files: dict[str, bytes], s3_server) -> None: 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_builds_a_release_that_round_trips(family: str, fitted: Fitted,
                                                         tmp_path: Path) -> None:
-    model = pipeline.fit_model(fitted.frame, family)
+    model = evaluation.fit_model(fitted.frame, family)
     files = build_release(model, fitted.frame, fitted.experiments,
                           [i.report for i in fitted.items], str(SAMPLE), {"summary": {}}, family)
     release = load_release(publish(files, str(tmp_path), release_version(files)))

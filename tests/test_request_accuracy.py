@@ -6,17 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blis_model.alphas import AlphaFit, fit_alphas
-from blis_model.experiment import load_experiment
+from blis_model.configuration.experiment import load_experiment
 from blis_model.ingest.reader import read_step_table
 from blis_model.ingest.reconstruct import reconstruct_steps
 from blis_model.ingest.requests import read_request_table
-from blis_model.request_accuracy import (
+from blis_model.requests.accuracy import (
     full_step_table,
     request_accuracy,
     request_accuracy_per_experiment,
     teacher_forced,
 )
+from blis_model.requests.alphas import AlphaFit, fit_alphas
 from blis_model.synth import LinearStepTime, SynthConfig, write_experiment
 
 LAW = LinearStepTime(seed=1)
@@ -81,8 +81,8 @@ def test_predictions_must_cover_contiguous_steps(tmp_path) -> None:
 
 
 def test_temporal_request_holdout_with_a_real_family(tmp_path) -> None:
-    from blis_model.experiment import discover_experiments
-    from blis_model.request_accuracy import load_request_data, temporal_request_holdout
+    from blis_model.configuration.experiment import discover_experiments
+    from blis_model.requests.accuracy import load_request_data, temporal_request_holdout
     from blis_model.synth import demo_configs, write_corpus
 
     write_corpus(str(tmp_path), demo_configs(num_requests=100))

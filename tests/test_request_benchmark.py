@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from blis_model import pipeline, request_level
+from blis_model.calibration import featurize
+from blis_model.requests import stage as request_level
 from blis_model.synth import SynthConfig, write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,9 +23,9 @@ BASE = SynthConfig(seed=5, num_requests=80, arrival_rate=40.0, max_num_batched_t
 def test_manifest_block_reports_reconstruction_agreement(tmp_path) -> None:
     write_experiment(str(tmp_path / "snap"), BASE)
     write_experiment(str(tmp_path / "nosnap"), dataclasses.replace(BASE, snapshots=False))
-    items = [pipeline.featurize(e) for e in pipeline.load_experiments(str(tmp_path))]
+    items = [featurize.featurize(e) for e in featurize.load_experiments(str(tmp_path))]
     block = request_level.release_block(
-        pipeline.request_items(items), request_level.AlphaReport(None))
+        featurize.request_items(items), request_level.AlphaReport(None))
     json.dumps(block, allow_nan=False)
     snap = block["experiments"]["snap"]["reconstruction"]["agreement"]
     assert snap["snapshots"]["steps"] > 0

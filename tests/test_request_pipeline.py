@@ -18,18 +18,19 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from blis_model import pipeline, request_level
-from blis_model.architecture import arch_from_hf_config, bundled_model_config
+from blis_model.calibration import evaluation, featurize
+from blis_model.calibration.gate import compare_releases, load_golden
 from blis_model.cli import app
-from blis_model.dataset import feature_frame
+from blis_model.configuration.architecture import arch_from_hf_config, bundled_model_config
+from blis_model.configuration.hardware import hardware_spec
 from blis_model.errors import CorpusError
 from blis_model.features.context import FeatureContext
+from blis_model.features.frame import feature_frame
 from blis_model.features.registry import compute
-from blis_model.gate import compare_releases, load_golden
-from blis_model.hardware import hardware_spec
 from blis_model.ingest.reader import read_step_table
-from blis_model.release import load_release
-from blis_model.request_level import RequestSettings
+from blis_model.releases.read import load_release
+from blis_model.requests import stage as request_level
+from blis_model.requests.stage import RequestSettings
 from blis_model.synth import SynthConfig, write_experiment
 
 SAMPLE = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
@@ -81,13 +82,13 @@ def law_corpus(root: Path, snapshots: bool) -> None:
 @pytest.mark.parametrize("snapshots", [True, False], ids=["snapshots", "reconstructed"])
 def test_pipeline_recovers_the_generators_coefficients_and_alphas(tmp_path, snapshots) -> None:
     law_corpus(tmp_path, snapshots)
-    items = [pipeline.featurize(e) for e in pipeline.load_experiments(str(tmp_path))]
+    items = [featurize.featurize(e) for e in featurize.load_experiments(str(tmp_path))]
     assert all(i.requests is not None and i.requests.validation.n_failed == 0 for i in items)
     for i in items:  # without snapshots every traced step is rebuilt from journeys
         comp = set(i.requests.steps.column("composition").to_pylist())
         assert comp == ({"snapshot"} if snapshots else {"journey"})
-    frame = pipeline.training_frame(items)
-    model = pipeline.fit_model(frame, "picf", features=FEATURES, ridge=0.0)
+    frame = featurize.training_frame(items)
+    model = evaluation.fit_model(frame, "picf", features=FEATURES, ridge=0.0)
     ratio = model.coef_ / BETA
     # global set: ±3 % on the well-determined terms, ±8 % on prefill attention (a few % of
     # step time); per configuration (fewer steps each): ±5 % / ±15 %
@@ -96,7 +97,7 @@ def test_pipeline_recovers_the_generators_coefficients_and_alphas(tmp_path, snap
     for coef in model.config_coef_.values():
         np.testing.assert_allclose((coef / BETA)[[0, 2, 3, 4]], 1.0, atol=0.05)
         assert coef[1] / BETA[1] == pytest.approx(1.0, abs=0.15)
-    stage = request_level.request_stage(pipeline.request_items(items), model, "picf")
+    stage = request_level.request_stage(featurize.request_items(items), model, "picf")
     a = stage.alphas.pooled
     assert a is not None and a.n_pre_queue == 400
     assert a.alpha0_us == pytest.approx(ALPHAS[0], rel=0.08)
@@ -109,8 +110,8 @@ def test_pipeline_recovers_the_generators_coefficients_and_alphas(tmp_path, snap
 
 
 def test_step_only_corpus_is_featurized_as_before() -> None:
-    for exp in pipeline.load_experiments(str(SAMPLE))[:2]:
-        item = pipeline.featurize(exp)
+    for exp in featurize.load_experiments(str(SAMPLE))[:2]:
+        item = featurize.featurize(exp)
         assert item.requests is None
         before = feature_frame(exp, read_step_table(exp)[0])
         assert item.frame.equals(before)
@@ -142,10 +143,10 @@ def test_request_validation_gate_stops_a_corrupted_corpus(tmp_path) -> None:
     write_experiment(str(corpus / "clean"), cfg)
     write_experiment(str(corpus / "broken"), dataclasses.replace(cfg, seed=6))
     _drop_journeys(corpus / "broken" / "traces.json", every=3)
-    exp = pipeline.load_experiments(str(corpus))[0]
+    exp = featurize.load_experiments(str(corpus))[0]
     assert exp.name == "broken"
     with pytest.raises(CorpusError, match=r"experiment broken: .*no_journey"):
-        pipeline.featurize(exp)
+        featurize.featurize(exp)
     proc = run("fit", str(corpus), "--store", str(tmp_path / "store"), expect=1)
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: experiment broken:") and "no_journey=" in line
@@ -153,7 +154,7 @@ def test_request_validation_gate_stops_a_corrupted_corpus(tmp_path) -> None:
     assert not (tmp_path / "store" / "releases").exists() or not any(
         (tmp_path / "store" / "releases").iterdir())
     # a looser gate lets it through, with the failures recorded per experiment
-    item = pipeline.featurize(exp, settings=RequestSettings(max_request_failure_rate=0.9))
+    item = featurize.featurize(exp, settings=RequestSettings(max_request_failure_rate=0.9))
     assert item.requests.validation.reasons["no_journey"] > 0.05 * cfg.num_requests
 
 
@@ -162,14 +163,14 @@ def test_overloaded_experiments_can_be_excluded(tmp_path) -> None:
     over = dataclasses.replace(light, arrival_rate=200.0, max_num_seqs=16, num_gpu_blocks=400)
     write_experiment(str(tmp_path / "light"), light)
     write_experiment(str(tmp_path / "over"), over)
-    items = [pipeline.featurize(e) for e in pipeline.load_experiments(str(tmp_path))]
-    kept, excluded = pipeline.split_overloaded(items, RequestSettings())
+    items = [featurize.featurize(e) for e in featurize.load_experiments(str(tmp_path))]
+    kept, excluded = featurize.split_overloaded(items, RequestSettings())
     assert len(kept) == 2 and not excluded
-    kept, excluded = pipeline.split_overloaded(items, RequestSettings(exclude_overloaded=True))
+    kept, excluded = featurize.split_overloaded(items, RequestSettings(exclude_overloaded=True))
     assert [i.experiment.name for i in kept] == ["light"]
     assert list(excluded) == ["over"] and "overloaded" in excluded["over"]
     with pytest.raises(CorpusError, match="every experiment was excluded"):
-        pipeline.split_overloaded([i for i in items if i.experiment.name == "over"],
+        featurize.split_overloaded([i for i in items if i.experiment.name == "over"],
                                   RequestSettings(exclude_overloaded=True))
 
 

@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blis_model import pipeline, scale_families, selection, shards
+from blis_model.calibration import evaluation, featurize, selection
 from blis_model.ingest.reader import read_step_table
 from blis_model.ingest.scan import _fast_columns
 from blis_model.ingest.steps import STEP_EVENTS
 from blis_model.models.picf import PICF
 from blis_model.models.registry import make_model
-from blis_model.scale_families import ShardModels, score_shard
+from blis_model.scale import sampling as scale_families
+from blis_model.scale import shards
+from blis_model.scale.sampling import ShardModels, score_shard
 from blis_model.synth.bulk import corpus_size, write_bulk_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +33,8 @@ REAL = str(ROOT / "corpus" / "h100-real-steps")
 def real_shards(tmp_path_factory: pytest.TempPathFactory):
     """The real corpus: its frame and one shard per experiment."""
     work = tmp_path_factory.mktemp("shards")
-    experiments = pipeline.load_experiments(REAL)
-    frame = pipeline.training_frame([pipeline.featurize(e) for e in experiments])
+    experiments = featurize.load_experiments(REAL)
+    frame = featurize.training_frame([featurize.featurize(e) for e in experiments])
     summaries = [shards.featurize_to_shard(e, str(work / f"{e.name}.parquet"))
                  for e in experiments]
     return frame, summaries
@@ -52,8 +54,8 @@ def test_stats_fit_equals_frame_fit(real_shards) -> None:
 def test_loo_and_temporal_from_stats_equal_pipeline(real_shards) -> None:
     frame, summaries = real_shards
     for from_frame, from_stats in (
-            (pipeline.leave_one_experiment_out(frame, "picf"), shards.loo_from_stats(summaries)),
-            (pipeline.temporal_holdout(frame, "picf"), shards.temporal_from_stats(summaries))):
+            (evaluation.leave_one_experiment_out(frame, "picf"), shards.loo_from_stats(summaries)),
+            (evaluation.temporal_holdout(frame, "picf"), shards.temporal_from_stats(summaries))):
         assert set(from_frame) == set(from_stats) and len(from_stats) == 4
         for name, score in from_frame.items():
             assert from_stats[name]["n"] == score["n"]
@@ -84,7 +86,7 @@ def test_bulk_corpus_parses_on_the_fast_path(tmp_path: Path) -> None:
     results = write_bulk_corpus(str(tmp_path), 2, 1500, snapshot_every=50, seed=3)
     size = corpus_size(results)
     assert size["bytes_compressed"] < size["bytes_uncompressed"] / 5
-    experiments = pipeline.load_experiments(str(tmp_path))
+    experiments = featurize.load_experiments(str(tmp_path))
     assert len({e.config_key for e in experiments}) == 2
     for exp, result in zip(experiments, results, strict=True):
         step_lines = 0
@@ -97,7 +99,7 @@ def test_bulk_corpus_parses_on_the_fast_path(tmp_path: Path) -> None:
         table, report = read_step_table(exp)
         assert table.num_rows == result.steps and not report.problems
         assert report.counts["steps_with_snapshots"] == -(-result.steps // 50)
-        item = pipeline.featurize(exp)
+        item = featurize.featurize(exp)
         assert item.requests is not None
         assert item.requests.validation.n_requests == result.requests
         assert item.requests.validation.n_failed == 0
@@ -171,9 +173,9 @@ def test_sample_fit_of_any_family_equals_the_frame_fit(real_shards) -> None:
     fitted = scale_families.fit_scale_model("overlap", summaries, sample).predict(frame)
     assert np.max(np.abs(fitted - direct) / np.abs(direct)) <= 1e-9
     scores = scale_scores(summaries, ["overlap"], sample)["overlap"]
-    assert_scores_equal(scores["loo"], pipeline.leave_one_experiment_out(frame, "overlap"))
-    assert_scores_equal(scores["temporal"], pipeline.temporal_holdout(frame, "overlap"))
-    assert_scores_equal(scores["in_sample"], pipeline.evaluate(
+    assert_scores_equal(scores["loo"], evaluation.leave_one_experiment_out(frame, "overlap"))
+    assert_scores_equal(scores["temporal"], evaluation.temporal_holdout(frame, "overlap"))
+    assert_scores_equal(scores["in_sample"], evaluation.evaluate(
         frame, make_model("overlap").fit(frame), "overlap", loo={}, temporal={})["in_sample"])
 
 
@@ -239,7 +241,7 @@ def test_scale_flow_fits_any_family_on_a_sample(local_ray, tmp_path: Path) -> No
 
     from flow_services import task_runs_of_last
 
-    from blis_model.release import read_manifest
+    from blis_model.releases.read import read_manifest
     from flows.calibrate_at_scale import run_at_scale
 
     url = run_at_scale(REAL, str(tmp_path / "store"), work=str(tmp_path / "work"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from blis_model.selection import choose, score
+from blis_model.calibration.selection import choose, score
 
 
 def results(*mapes: float) -> dict[str, dict[str, float]]:

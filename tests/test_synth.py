@@ -9,8 +9,8 @@ import gzip
 import numpy as np
 import pytest
 
+from blis_model.configuration.experiment import load_experiment
 from blis_model.errors import ConfigError
-from blis_model.experiment import load_experiment
 from blis_model.ingest.otlp import JOURNEY_SCOPE, iter_events
 from blis_model.ingest.reader import read_step_table
 from blis_model.ingest.requests import read_request_table, request_table, validate_requests
@@ -168,7 +168,7 @@ def test_bursty_arrivals_and_launch_bound_floor() -> None:
 
 
 def test_demo_corpus_has_several_configs_that_all_validate(tmp_path) -> None:
-    from blis_model.experiment import discover_experiments
+    from blis_model.configuration.experiment import discover_experiments
     from blis_model.synth import demo_configs, write_corpus
 
     truths = write_corpus(str(tmp_path), demo_configs(num_requests=40))

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blis_model.architecture import ModelArch
-from blis_model.hardware import HardwareSpec
+from blis_model.configuration.architecture import ModelArch
+from blis_model.configuration.hardware import HardwareSpec
 
 Columns = dict[str, np.ndarray]  # step-table column name → float64 array (one value per step)
 

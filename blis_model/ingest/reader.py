@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from blis_model.experiment import Experiment
+from blis_model.configuration.experiment import Experiment
 from blis_model.ingest.otlp import API_SCOPE, JOURNEY_SCOPE, LineStats, Problem, iter_lines
 from blis_model.ingest.requests import RequestTableBuilder
 from blis_model.ingest.scan import scan_with_events

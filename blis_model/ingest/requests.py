@@ -28,16 +28,9 @@ from typing import Any, BinaryIO
 import numpy as np
 import pyarrow as pa
 
+from blis_model.configuration.experiment import Experiment
 from blis_model.errors import CorpusError
-from blis_model.experiment import Experiment
-from blis_model.ingest.otlp import (
-    API_SCOPE,
-    JOURNEY_SCOPE,
-    Event,
-    Problem,
-    decode_line,
-    iter_lines,
-)
+from blis_model.ingest.otlp import API_SCOPE, JOURNEY_SCOPE, Event, Problem, decode_line, iter_lines
 from blis_model.storage import filesystem
 
 REQUEST_ID = "gen_ai.request.id"

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from blis_model.dataset import temporal_split
+from blis_model.configuration.defaults import TRAIN_FRACTION
+from blis_model.features.frame import loo_split, temporal_split
 from blis_model.models.base import StepTimeModel, target
 from blis_model.models.picf import PICF
 from blis_model.models.regimes import REGIMES, RegimeDetector
@@ -49,7 +50,7 @@ class SplitConformal(StepTimeModel):
     family = "conformal"
 
     def __init__(self, estimator: StepTimeModel | None = None, min_regime_steps: int = 30,
-                 train_fraction: float = 0.7) -> None:
+                 train_fraction: float = TRAIN_FRACTION) -> None:
         self.estimator = estimator
         self.min_regime_steps = min_regime_steps
         self.train_fraction = train_fraction
@@ -64,9 +65,7 @@ class SplitConformal(StepTimeModel):
         detector = RegimeDetector()
         names = sorted(X["experiment"].unique()) if "experiment" in X else []
         for name in names if len(names) > 1 else []:
-            test = X[X["experiment"] == name]
-            train = X[(X["experiment"] != name)
-                      & (X["config_key"] != test["config_key"].iloc[0])]
+            train, test = loo_split(X, name)
             if train.empty:
                 continue
             pred = self._base().fit(train).predict(test)

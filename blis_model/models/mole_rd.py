@@ -36,12 +36,7 @@ from blis_model.models.base import (
     priors,
     target,
 )
-from blis_model.models.linear import (
-    columns_fn,
-    config_groups,
-    linear_predict,
-    relative_stats,
-)
+from blis_model.models.linear import columns_fn, config_groups, linear_predict, relative_stats
 from blis_model.models.regimes import (
     COMPUTE_FEATURES,
     GATES,

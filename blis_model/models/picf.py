@@ -21,13 +21,7 @@ import numpy as np
 import pandas as pd
 
 from blis_model.features.physics import PHYSICS_FEATURES
-from blis_model.models.base import (
-    ConfigCoefficientSets,
-    correction_mask,
-    design,
-    priors,
-    target,
-)
+from blis_model.models.base import ConfigCoefficientSets, correction_mask, design, priors, target
 from blis_model.models.solvers import RelativeGram, nonneg_ridge
 
 OVERHEAD_RIDGE = 1e-4

@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from blis_model.architecture import arch_from_hf_config, bundled_model_config
-from blis_model.dataset import concat_frames, feature_frame
+from blis_model.configuration.architecture import arch_from_hf_config, bundled_model_config
+from blis_model.configuration.hardware import hardware_spec
+from blis_model.features.frame import concat_frames, feature_frame
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.features.registry import REGISTRY
-from blis_model.hardware import hardware_spec
 from blis_model.ingest.steps import STEP_SCHEMA
 from blis_model.models.linear import linear_predict
 from blis_model.models.regimes import REGIMES, RegimeDetector

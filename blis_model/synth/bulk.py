@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from blis_model.architecture import bundled_model_config
-from blis_model.hardware import HardwareSpec, hardware_spec
+from blis_model.configuration.architecture import bundled_model_config
+from blis_model.configuration.hardware import HardwareSpec, hardware_spec
 from blis_model.storage import filesystem, is_remote, join, write_bytes_atomic
 
 GPUS = ("H100", "A100-80", "L40S")

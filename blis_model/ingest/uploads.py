@@ -18,19 +18,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from blis_model.configuration.experiment import EXP_CONFIG
 from blis_model.errors import CorpusError
-from blis_model.experiment import EXP_CONFIG
-from blis_model.release_store import _store_root
-from blis_model.storage import (
-    filesystem,
-    is_remote,
-    join,
-    redact,
-    storage_errors,
-    write_bytes_atomic,
-)
-
-STATE = "state/seen.json"
+from blis_model.storage import filesystem, is_remote, redact, storage_errors, write_bytes_atomic
+from blis_model.storage.layout import calibrated_state_url, seen_state_url, store_root
 
 
 @dataclass(frozen=True)
@@ -67,13 +58,14 @@ def _mtime(info: dict[str, Any]) -> float:
 
 def scan(prefix: str, options: dict[str, Any] | None = None) -> dict[str, Seen]:
     """Every experiment folder under ``prefix`` (name relative to it → :class:`Seen`),
-    from one recursive listing."""
+    from one recursive listing. A prefix that does not exist (yet) holds no experiment:
+    ``{}``, not an error (a missing bucket or bad credentials still raise)."""
     fs, root = filesystem(prefix, options)
     root = root.rstrip("/")
     with storage_errors(prefix, options):
         fs.invalidate_cache(root)
         if not fs.exists(root):
-            raise CorpusError(f"watched prefix {redact(prefix)} does not exist")
+            return {}
         found = fs.find(root, detail=True)
     objects = {p: info for p, info in found.items() if info.get("type", "file") == "file"}
     folders = sorted({p.rsplit("/", 1)[0] for p in objects if p.rsplit("/", 1)[-1] == EXP_CONFIG})
@@ -94,11 +86,11 @@ def scan(prefix: str, options: dict[str, Any] | None = None) -> dict[str, Seen]:
 
 
 def state_url(store_url: str) -> str:
-    return join(_store_root(store_url), STATE)
+    return seen_state_url(store_url)
 
 
 def _prefix_key(prefix: str) -> str:
-    return redact(prefix if is_remote(prefix) else _store_root(prefix)).rstrip("/")
+    return redact(prefix if is_remote(prefix) else store_root(prefix)).rstrip("/")
 
 
 def _read_state(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -161,9 +153,6 @@ def new_experiments(scanned: dict[str, Seen], seen: dict[str, str], settle_s: fl
     return ready, waiting
 
 
-CALIBRATED = "state/calibrated.json"
-
-
 def corpus_identity(scanned: dict[str, Seen]) -> str:
     """One digest of every experiment's identity under a prefix."""
     digest = hashlib.sha256()
@@ -175,18 +164,18 @@ def corpus_identity(scanned: dict[str, Seen]) -> str:
 def last_calibrated(store_url: str, prefix: str, options: dict[str, Any] | None = None
                     ) -> dict[str, str]:
     """``{"identity", "version"}`` of the last release calibrated on ``prefix`` ({} if none)."""
-    state = _read_state(join(_store_root(store_url), CALIBRATED), options)
+    state = _read_state(calibrated_state_url(store_url), options)
     return dict((state.get("prefixes") or {}).get(_prefix_key(prefix)) or {})
 
 
 def mark_calibrated(store_url: str, prefix: str, identity: str, version: str,
                     options: dict[str, Any] | None = None) -> None:
     """Remember that release ``version`` was calibrated on ``prefix`` as it was then."""
-    url = join(_store_root(store_url), CALIBRATED)
+    url = calibrated_state_url(store_url)
     prefixes = dict(_read_state(url, options).get("prefixes") or {})
     prefixes[_prefix_key(prefix)] = {"identity": identity, "version": version}
     _write_prefixes(url, prefixes, options)
 
 
-__all__ = ["CALIBRATED", "STATE", "Seen", "corpus_identity", "last_calibrated", "load_seen",
+__all__ = ["Seen", "corpus_identity", "last_calibrated", "load_seen",
            "mark_calibrated", "new_experiments", "save_seen", "scan", "state_url"]

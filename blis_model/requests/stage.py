@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from blis_model.alphas import AlphaFit, alpha_errors, fit_alphas
+from blis_model.configuration.experiment import Experiment
 from blis_model.errors import ConfigError, CorpusError
-from blis_model.experiment import Experiment
 from blis_model.ingest.reconstruct import (
     ReconstructionReport,
     compare_with_snapshots,
@@ -28,7 +27,7 @@ from blis_model.ingest.reconstruct import (
 )
 from blis_model.ingest.requests import overload_indicators, validate_requests
 from blis_model.models.base import StepTimeModel
-from blis_model.request_accuracy import (
+from blis_model.requests.accuracy import (
     METRICS,
     RequestData,
     full_step_table,
@@ -36,6 +35,7 @@ from blis_model.request_accuracy import (
     request_accuracy,
     temporal_request_holdout,
 )
+from blis_model.requests.alphas import AlphaFit, alpha_errors, fit_alphas
 
 DEFAULT_ALPHA_SOURCE = ("BLIS shipped defaults (iter29), NOT fit: the corpus has no "
                         "request-level (journey + API) traces")  # = release.ALPHA_SOURCE

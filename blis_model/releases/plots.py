@@ -6,10 +6,11 @@ promoting a release.
 * ``error_by_regime.png`` — signed relative error (%) of the prediction per batch regime
   (decode only, prefill only, mixed) and experiment, as box plots;
 * ``learning_curve.png`` — temporal-holdout MAPE (%) against the number of training steps
-  (:func:`learning_curve`), when given.
+  (points computed by ``calibration.evaluation.learning_curve``), when given.
 
 :func:`release_plots` returns them as ``{"plots/<name>.png": bytes}``, ready to be added
-to a release's files. Pure library code: no Prefect, no Ray, nothing printed.
+to a release's files. Drawing only (nothing is fitted here); pure library code: no
+Prefect, no Ray, nothing printed.
 """
 
 from __future__ import annotations
@@ -26,11 +27,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from blis_model import pipeline  # noqa: E402
-from blis_model.dataset import temporal_split  # noqa: E402
-from blis_model.metrics import summary  # noqa: E402
+from blis_model.metrics import per_experiment, summary  # noqa: E402
+from blis_model.releases.files import PLOTS_DIR  # noqa: E402
 
-PLOTS_DIR = "plots"
 REGIMES: tuple[str, ...] = ("decode only", "prefill only", "mixed")
 DPI = 110
 
@@ -67,10 +66,13 @@ def predicted_vs_measured(frame: pd.DataFrame, predicted: np.ndarray, title: str
         ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="y = x")
         ax.set_xscale("log")
         ax.set_yscale("log")
-    mape = summary(predicted, measured)["mape"]
+    pooled = summary(predicted, measured)["mape"]
+    means = [r["mape"] for r in per_experiment(frame, predicted).values() if r["n"]]
     ax.set_xlabel("measured step time (µs)")
     ax.set_ylabel("predicted step time (µs)")
-    ax.set_title(title or f"predicted vs measured: {len(frame)} steps, MAPE {mape:.1f}%")
+    ax.set_title(title or (f"predicted vs measured, in-sample: MAPE {np.mean(means):.2f}% "
+                           f"(mean over {len(means)} experiments, as in the model card); "
+                           f"{pooled:.2f}% pooled over {len(frame)} steps"), fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(True, which="both", alpha=0.3)
     return _png(fig)
@@ -110,25 +112,6 @@ def error_by_regime(frame: pd.DataFrame, predicted: np.ndarray, title: str = "")
     return _png(fig)
 
 
-def learning_curve(frame: pd.DataFrame, family: str,
-                   fractions: Sequence[float] = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
-                   ) -> list[dict[str, float]]:
-    """Temporal-holdout MAPE (%) when training on the first ``f`` of each experiment's
-    training steps (the earliest 70%), for each ``f``; scored on the last 30%."""
-    train, test = temporal_split(frame)
-    points = []
-    truth = test["duration_us"].to_numpy(dtype=np.float64)
-    for f in fractions:
-        parts = [g.sort_values("step_id").iloc[: max(1, int(round(f * len(g))))]
-                 for _, g in train.groupby("experiment", sort=True)]
-        part = pd.concat(parts, ignore_index=True)
-        model = pipeline.fit_model(part, family)
-        result = summary(np.asarray(model.predict(test), dtype=np.float64), truth)
-        points.append({"fraction": float(f), "train_steps": int(len(part)),
-                       "mape": result["mape"], "median_ape": result["median_ape"]})
-    return points
-
-
 def learning_curve_plot(points: Sequence[Mapping[str, float]], title: str = "") -> bytes:
     """MAPE and median APE (%) on the held-out steps against training steps."""
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
@@ -154,5 +137,5 @@ def release_plots(frame: pd.DataFrame, predictions: np.ndarray,
     return out
 
 
-__all__ = ["PLOTS_DIR", "REGIMES", "error_by_regime", "learning_curve", "learning_curve_plot",
+__all__ = ["PLOTS_DIR", "REGIMES", "error_by_regime", "learning_curve_plot",
            "predicted_vs_measured", "regimes", "release_plots"]

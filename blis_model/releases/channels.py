@@ -32,29 +32,25 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from blis_model.errors import CorpusError, ReleaseError
+from blis_model.errors import ReleaseError
+from blis_model.releases.read import Release, load_release, read_manifest
+from blis_model.releases.versions import is_version
 from blis_model.storage import (
     StorageError,
-    _error_code,
+    error_code,
     filesystem,
     is_remote,
     join,
+    layout,
     redact,
     storage_errors,
     write_bytes_atomic,
 )
 
-if TYPE_CHECKING:  # the gate's imports are heavy: pointer updates do not need them
-    import pandas as pd
-
-    from blis_model.release import Release
-
 CHANNELS: tuple[str, ...] = ("candidate", "stable")
-CHANNELS_DIR = "channels"
 LOCK_TIMEOUT_S = 30.0
-DEFAULT_TOLERANCE_PP = 1.0  # gate: allowed MAPE regression, percentage points
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _SAFE_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -64,8 +60,8 @@ class ChannelConflict(ReleaseError):
 
 
 class GateRefused(ReleaseError):
-    """The golden gate refused a promotion; ``result`` holds its verdict (a
-    :class:`GateResult`, or ``blis_model.gate.GateResult``)."""
+    """The golden gate refused a promotion; ``result`` holds its verdict
+    (``calibration.gate.GateResult``)."""
 
     def __init__(self, message: str, result: Any) -> None:
         super().__init__(message)
@@ -73,8 +69,9 @@ class GateRefused(ReleaseError):
 
 
 #: A promotion gate: (candidate, baseline or None) → a verdict with ``passed``,
-#: ``reasons`` and ``to_dict()`` (recorded in the channel's history).
-Gate = Callable[["Release", "Release | None"], Any]
+#: ``reasons`` and ``to_dict()`` (recorded in the channel's history). The golden gate
+#: is ``calibration.gate.load_gate``; channels only call it.
+Gate = Callable[[Release, Release | None], Any]
 
 
 @dataclass(frozen=True)
@@ -126,23 +123,12 @@ def check_channel(name: str) -> str:
     return name
 
 
-def _store_root(store_url: str) -> str:
-    """As ``release_store._store_root`` (not imported: it pulls in the model stack)."""
-    if is_remote(store_url) or store_url.startswith("file://"):
-        return store_url
-    return os.path.abspath(os.path.expanduser(store_url))
-
-
-def release_url(store_url: str, version: str) -> str:
-    return join(_store_root(store_url), "releases", version)
-
-
 def channel_url(store_url: str, name: str) -> str:
-    return join(_store_root(store_url), CHANNELS_DIR, f"{check_channel(name)}.json")
+    return layout.channel_url(store_url, check_channel(name))
 
 
 def _history_url(store_url: str, name: str) -> str:
-    return join(_store_root(store_url), CHANNELS_DIR, f"{check_channel(name)}.history")
+    return layout.channel_history_url(store_url, check_channel(name))
 
 
 def default_actor() -> str:
@@ -227,7 +213,7 @@ def read_channel(store_url: str, name: str, options: dict[str, Any] | None = Non
 
 def list_channels(store_url: str, options: dict[str, Any] | None = None) -> dict[str, Pointer]:
     """Every set channel of a store (name → pointer), by name."""
-    root = join(_store_root(store_url), CHANNELS_DIR)
+    root = layout.channels_url(store_url)
     fs, path = filesystem(root, options)
     with storage_errors(root, options):
         fs.invalidate_cache(path)
@@ -328,7 +314,7 @@ def _swap_s3(fs: Any, url: str, path: str, name: str, expected: Snapshot, body: 
             fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body,
                        ContentType="application/json", **condition)
     except (OSError, StorageError) as exc:
-        code = _error_code(exc)
+        code = error_code(exc)
         if isinstance(exc, FileExistsError) or code in ("PreconditionFailed", "412",
                                                         "ConditionalRequestConflict", "409"):
             raise _conflict(name, expected) from None
@@ -388,134 +374,30 @@ def write_channel(store_url: str, name: str, version: str, expected: Snapshot, *
     return pointer
 
 
-# ------------------------------------------------------------------------------ gate
-
-
-@dataclass(frozen=True)
-class GateResult:
-    """The golden gate's verdict: step MAPE (%) of both releases on the golden corpus."""
-
-    passed: bool
-    candidate: str
-    baseline: str | None
-    candidate_mape: float
-    baseline_mape: float | None
-    tolerance_pp: float
-    steps: int
-    per_experiment: dict[str, dict[str, float | None]]
-    reasons: tuple[str, ...] = ()
-    corpus: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["reasons"] = list(self.reasons)
-        return data
-
-
-def golden_frame(corpus_url: str, options: dict[str, Any] | None = None,
-                 default_hardware: str | None = None) -> pd.DataFrame:
-    """The feature frame of every usable step of the golden corpus."""
-    import pandas as pd
-
-    from blis_model import pipeline
-
-    experiments = pipeline.load_experiments(corpus_url, options, default_hardware)
-    frames = [item.frame for item in (pipeline.featurize(e, options) for e in experiments)
-              if len(item.frame)]
-    if not frames:
-        raise CorpusError(f"golden corpus {redact(corpus_url)}: no usable steps")
-    return pd.concat(frames, ignore_index=True)
-
-
-def golden_gate(candidate: Release, baseline: Release | None, frame: pd.DataFrame,
-                tolerance_pp: float = DEFAULT_TOLERANCE_PP, corpus: str = "") -> GateResult:
-    """Pass when the candidate's step MAPE on ``frame`` is at most the baseline's plus
-    ``tolerance_pp`` percentage points (no baseline: when its predictions are usable)."""
-    import numpy as np
-
-    from blis_model.metrics import per_experiment, summary
-    from blis_model.release import predict_frame
-
-    truth = frame["duration_us"].to_numpy(dtype=np.float64)
-    reasons: list[str] = []
-    cand = predict_frame(candidate, frame)
-    if not np.isfinite(cand).all() or (cand <= 0).any():
-        reasons.append(f"release {candidate.version} predicts non-finite or non-positive step "
-                       f"times for {int((~np.isfinite(cand) | (cand <= 0)).sum())} golden steps")
-    cand_mape = summary(cand, truth)["mape"]
-    per_cand = per_experiment(frame, cand)
-    base_mape, per_base = None, {}
-    if baseline is not None:
-        base = predict_frame(baseline, frame)
-        base_mape = summary(base, truth)["mape"]
-        per_base = per_experiment(frame, base)
-        if not cand_mape <= base_mape + tolerance_pp:
-            reasons.append(f"step MAPE on the golden corpus is {cand_mape:.2f}% for "
-                           f"{candidate.version}, worse than {base_mape:.2f}% for "
-                           f"{baseline.version} by more than {tolerance_pp:g} percentage "
-                           "point(s)")
-    rows = {name: {"candidate": per_cand[name]["mape"],
-                   "baseline": per_base[name]["mape"] if name in per_base else None,
-                   "steps": per_cand[name]["n"]} for name in sorted(per_cand)}
-    return GateResult(passed=not reasons, candidate=candidate.version,
-                      baseline=baseline.version if baseline else None,
-                      candidate_mape=cand_mape, baseline_mape=base_mape,
-                      tolerance_pp=float(tolerance_pp), steps=int(len(frame)),
-                      per_experiment=rows, reasons=tuple(reasons), corpus=redact(corpus))
-
-
-def load_gate(corpus_url: str, options: dict[str, Any] | None = None,
-              default_hardware: str | None = None,
-              tolerance_pp: float = DEFAULT_TOLERANCE_PP) -> Gate:
-    """The promotion gate on a golden corpus, featurized once: ``blis_model.gate`` (step
-    MAPE, and TTFT/ITL/E2E MAPE when the golden corpus has journey + API traces), else
-    :func:`golden_gate` (step MAPE only)."""
-    import functools
-
-    try:
-        from blis_model.gate import compare_releases, load_golden
-    except ImportError:
-        frame = golden_frame(corpus_url, options, default_hardware)
-        return functools.partial(golden_gate, frame=frame, tolerance_pp=tolerance_pp,
-                                 corpus=corpus_url)
-    golden = load_golden(corpus_url, options, default_hardware)
-    return functools.partial(compare_releases, golden=golden, tolerance_pp=tolerance_pp)
-
-
 # ----------------------------------------------------------------- promote / rollback
 
 
 def promote(store_url: str, version: str, channel: str = "stable", *, by: str | None = None,
-            reason: str = "", gate: Gate | None = None, golden: pd.DataFrame | None = None,
-            golden_corpus: str = "", tolerance_pp: float = DEFAULT_TOLERANCE_PP,
+            reason: str = "", gate: Gate | None = None,
             options: dict[str, Any] | None = None) -> Pointer:
     """Move ``channel`` to release ``version`` of the store.
 
-    With a ``gate`` (:func:`load_gate`), or a ``golden`` feature frame (step-MAPE gate,
-    :func:`golden_gate`), the gate runs first — the candidate against the channel's
-    current release — and :class:`GateRefused` is raised when it fails. The pointer is
-    then swapped only if nobody moved the channel since it was read
-    (:class:`ChannelConflict` otherwise). Returns the new pointer.
+    With a ``gate`` (``calibration.gate.load_gate``), the gate runs first — the
+    candidate against the channel's current release — and :class:`GateRefused` is
+    raised when it fails. The pointer is then swapped only if nobody moved the channel
+    since it was read (:class:`ChannelConflict` otherwise). Returns the new pointer.
     """
-    from blis_model.release import is_version, load_release, read_manifest
-
     check_channel(channel)
     if not is_version(version):
         raise ReleaseError(f"invalid release version '{version}'")
     snap = read_channel(store_url, channel, options)
     if snap.pointer is not None and snap.pointer.version == version:
         raise ReleaseError(f"channel {channel} already points to {version}")
-    url = release_url(store_url, version)
-    if gate is None and golden is not None:
-        frame = golden
-
-        def gate(candidate: Release, baseline: Release | None) -> GateResult:
-            return golden_gate(candidate, baseline, frame, tolerance_pp, golden_corpus)
-
+    url = layout.release_url(store_url, version)
     verdict = None
     if gate is not None:
         candidate = load_release(url, options)
-        baseline = (load_release(release_url(store_url, snap.pointer.version), options)
+        baseline = (load_release(layout.release_url(store_url, snap.pointer.version), options)
                     if snap.pointer is not None else None)
         result = gate(candidate, baseline)
         if not result.passed:
@@ -538,9 +420,7 @@ def rollback(store_url: str, channel: str = "stable", *, by: str | None = None,
     if not current.previous:
         raise ReleaseError(f"channel {channel} has no previous version to roll back to")
     target = current.previous
-    from blis_model.release import read_manifest
-
-    read_manifest(release_url(store_url, target), options)
+    read_manifest(layout.release_url(store_url, target), options)
     # The target's own predecessor, so that repeated rollbacks keep stepping back.
     before = [e for e in history(store_url, channel, options)
               if e.version == target and e.seq < current.seq]
@@ -550,7 +430,6 @@ def rollback(store_url: str, channel: str = "stable", *, by: str | None = None,
                          previous=previous, options=options)
 
 
-__all__ = ["CHANNELS", "ChannelConflict", "Gate", "GateRefused", "GateResult", "Pointer",
-           "Snapshot", "channel_url", "check_channel", "default_actor", "golden_frame",
-           "golden_gate", "history", "list_channels", "load_gate", "promote", "read_channel",
-           "rollback", "write_channel"]
+__all__ = ["CHANNELS", "ChannelConflict", "Gate", "GateRefused", "Pointer", "Snapshot",
+           "channel_url", "check_channel", "default_actor", "history", "list_channels",
+           "promote", "read_channel", "rollback", "write_channel"]

@@ -35,24 +35,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from blis_model.architecture import arch_from_hf_config, bundled_model_config
-from blis_model.dataset import feature_frame
-from blis_model.experiment import Experiment, ServerConfig
+from blis_model.configuration.architecture import arch_from_hf_config, bundled_model_config
+from blis_model.configuration.experiment import Experiment, ServerConfig
+from blis_model.configuration.hardware import hardware_spec
+from blis_model.features.frame import feature_frame
 from blis_model.features.registry import REGISTRY
-from blis_model.hardware import hardware_spec
 from blis_model.ingest.otlp import STEP_SCOPE, Event
 from blis_model.ingest.steps import COMPOSITION_COLUMNS, StepTableBuilder
 from blis_model.models.base import StepTimeModel
 from blis_model.models.registry import make_model, model_from_dict
 from blis_model.models.synthetic import synthetic_frame
-from blis_model.release import (
-    COEFFICIENTS,
-    HARDWARE_CONFIG,
-    MODEL_CONFIGS,
-    blis_model_config_name,
-    dumps_json,
-    project_onto_blis,
-)
+from blis_model.releases.build import blis_model_config_name, dumps_json
+from blis_model.releases.files import COEFFICIENTS, HARDWARE_CONFIG, MODEL_CONFIGS
+from blis_model.releases.projection import project_onto_blis
 
 SCHEMA = "blis-goeval-golden/1"
 GOLDEN_FILE = "golden_v1.json"

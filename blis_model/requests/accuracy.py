@@ -23,20 +23,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from blis_model.alphas import AlphaFit, fit_alphas
-from blis_model.dataset import feature_frame
-from blis_model.experiment import Experiment
+from blis_model.configuration.experiment import Experiment
+from blis_model.features.frame import feature_frame
 from blis_model.ingest.reader import read_tables
-from blis_model.ingest.reconstruct import (
-    ReconstructionReport,
-    fill_compositions,
-    reconstruct_steps,
-)
+from blis_model.ingest.reconstruct import ReconstructionReport, fill_compositions, reconstruct_steps
 from blis_model.ingest.requests import RequestValidation, validate_requests
 from blis_model.ingest.steps import COMPOSITION_COLUMNS, STEP_SCHEMA
 from blis_model.metrics import summary
 from blis_model.models.base import StepTimeModel
 from blis_model.models.registry import make_model
+from blis_model.requests.alphas import AlphaFit, fit_alphas
 
 METRICS = ("ttft", "itl", "e2e")
 

@@ -1,7 +1,7 @@
 """Per-experiment Parquet shards and per-shard sufficient statistics: fitting at scale.
 
 A corpus of millions of steps is never held in one frame. Each experiment is featurized
-on its own (``pipeline.featurize``, streaming its trace object line by line) into a
+on its own (``featurize.featurize``, streaming its trace object line by line) into a
 Parquet *shard* of its feature frame (sorted by step id), and summarised by a
 :class:`ShardSummary`: counts, its ingest report, and the ``RelativeGram`` sufficient
 statistics of the PICF feature set — over all its steps and over the first 70% of them
@@ -36,9 +36,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blis_model import pipeline
+from blis_model.calibration import evaluation, featurize
+from blis_model.configuration.experiment import Experiment
 from blis_model.errors import CorpusError
-from blis_model.experiment import Experiment
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.metrics import summary
 from blis_model.models.base import design, priors
@@ -150,7 +150,7 @@ def featurize_to_shard(experiment: Experiment, shard_url: str, options: dict | N
     """Featurize one experiment (streaming its traces) into a Parquet shard at
     ``shard_url`` and return its summary (also written next to it, last)."""
     started = time.perf_counter()
-    item = pipeline.featurize(experiment, options, settings)
+    item = featurize.featurize(experiment, options, settings)
     frame = _sorted_frame(item.frame)
     features = tuple(features)
     k = train_rows(len(frame))
@@ -275,7 +275,7 @@ def _held(summaries: Sequence[ShardSummary], name: str) -> ShardSummary:
 
 def loo_fold_from_stats(summaries: Sequence[ShardSummary], name: str,
                         options: dict | None = None, **params: Any) -> dict[str, float] | None:
-    """Leave-one-experiment-out fold ``name`` (as ``pipeline.leave_one_out_fold``): fit on
+    """Leave-one-experiment-out fold ``name`` (as ``evaluation.leave_one_out_fold``): fit on
     the statistics of every other configuration, predict ``name``'s shard. None when no
     other configuration has steps."""
     held = _held(summaries, name)
@@ -310,7 +310,7 @@ def temporal_from_shard(model: PICF, item: ShardSummary, options: dict | None = 
 
 def temporal_from_stats(summaries: Sequence[ShardSummary], options: dict | None = None,
                         **params: Any) -> dict[str, dict[str, float]]:
-    """``pipeline.temporal_holdout`` for PICF from shard statistics, one shard at a time."""
+    """``evaluation.temporal_holdout`` for PICF from shard statistics, one shard at a time."""
     if not any(s.train_rows for s in summaries):
         return {}
     model = fit_picf_from_stats(summaries, train=True, **params)
@@ -352,16 +352,16 @@ def evaluation_from_parts(in_sample: Mapping[str, Mapping[str, float]],
                           loo: Mapping[str, Mapping[str, float]],
                           temporal: Mapping[str, Mapping[str, float]], steps: int,
                           sampling: Mapping[str, Any]) -> dict[str, Any]:
-    """The release evaluation (as ``pipeline.evaluate``) from per-shard scores, with a
+    """The release evaluation (as ``evaluation.evaluate``) from per-shard scores, with a
     ``sampling`` block saying which rows the BLIS projection was computed on."""
     return {
         "in_sample": dict(sorted(in_sample.items())),
         "temporal_holdout": dict(sorted(temporal.items())),
         "leave_one_experiment_out": dict(sorted(loo.items())),
-        "summary": {"in_sample_mape": pipeline.mean_metric(dict(in_sample)),
-                    "temporal_mape": pipeline.mean_metric(dict(temporal)),
-                    "loo_mape": pipeline.mean_metric(dict(loo)),
-                    "loo_median_ape": pipeline.mean_metric(dict(loo), "median_ape"),
+        "summary": {"in_sample_mape": evaluation.mean_metric(dict(in_sample)),
+                    "temporal_mape": evaluation.mean_metric(dict(temporal)),
+                    "loo_mape": evaluation.mean_metric(dict(loo)),
+                    "loo_median_ape": evaluation.mean_metric(dict(loo), "median_ape"),
                     "steps": int(steps)},
         "scale": dict(sampling),
     }

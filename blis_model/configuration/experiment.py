@@ -6,15 +6,23 @@ may hold ``config.json`` (the model's HF config) and ``traces.json[.gz]``.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from blis_model.architecture import ModelArch, arch_from_hf_config, bundled_model_config
+from blis_model.configuration.architecture import (
+    ModelArch,
+    arch_from_hf_config,
+    bundled_model_config,
+)
+from blis_model.configuration.defaults import DEFAULT_BLOCK_SIZE
+from blis_model.configuration.hardware import HardwareSpec, hardware_spec
 from blis_model.errors import ConfigError, CorpusError
-from blis_model.hardware import HardwareSpec, hardware_spec
 from blis_model.storage import filesystem, join
 
 EXP_CONFIG = "exp-config.yaml"
@@ -33,7 +41,7 @@ class ServerConfig:
     max_model_len: int | None = None
     quantization: str | None = None
     vllm_version: str | None = None
-    block_size: int = 16  # KV block size, tokens (vLLM default)
+    block_size: int = DEFAULT_BLOCK_SIZE  # KV block size, tokens
     data_parallelism: int = 1
 
     def __post_init__(self) -> None:
@@ -45,7 +53,9 @@ class ServerConfig:
 
     def config_key(self, arch: ModelArch) -> str:
         """Identity of the configuration (model, GPU, TP, quantization, scheduler knobs):
-        two experiments with the same key share calibrated terms, whatever their folders."""
+        two experiments with the same key share calibrated terms, whatever their folders.
+        Model ids are lower-cased; ``hardware`` is canonical once loaded
+        (:func:`load_experiment` resolves aliases and case: ``h100`` → ``H100``)."""
         quant = arch.quantization or "bf16"
         return (f"{self.model.lower()}|{self.hardware}|tp{self.tensor_parallelism}|{quant}"
                 f"|mnbt{self.max_num_batched_tokens}|mns{self.max_num_seqs}")
@@ -119,7 +129,7 @@ def parse_server_config(data: dict[str, Any], *, experiment: str = "", file: str
             max_model_len=int(data["max_model_len"]) if data.get("max_model_len") else None,
             quantization=(str(data["quantization"]) if data.get("quantization") else None),
             vllm_version=str(data["vllm_version"]) if data.get("vllm_version") else None,
-            block_size=int(data.get("block_size") or 16),
+            block_size=int(data.get("block_size") or DEFAULT_BLOCK_SIZE),
             data_parallelism=int(data.get("data_parallelism") or 1),
         )
     except ConfigError as exc:
@@ -147,6 +157,7 @@ def load_experiment(corpus_url: str, name: str, options: dict | None = None,
     except ConfigError as exc:
         raise ConfigError(str(exc).split(": ", 1)[-1], file=f"{name}/{EXP_CONFIG}",
                           key="hardware", experiment=name) from None
+    server = dataclasses.replace(server, hardware=hardware.name)  # canonical GPU name
     cfg_path = f"{path}/config.json"
     if fs.exists(cfg_path):
         with fs.open(cfg_path, "rb") as fh:
@@ -177,3 +188,11 @@ def load_experiment(corpus_url: str, name: str, options: dict | None = None,
             break
     return Experiment(name=name, url=url, server=server, arch=arch, hardware=hardware,
                       trace_url=trace_url, trace_identity=identity)
+
+
+def corpus_fingerprint(experiments: Sequence[Experiment]) -> str:
+    """SHA-256 over experiment names, configuration keys and trace object identities."""
+    h = hashlib.sha256()
+    for e in sorted(experiments, key=lambda e: e.name):
+        h.update(json.dumps([e.name, e.config_key, e.trace_identity], sort_keys=True).encode())
+    return h.hexdigest()

@@ -2,26 +2,26 @@
 corpus: ``<store>/cache/features/<key>.pkl``.
 
 The key is a digest of the experiment's URL, its objects' identities (ETag on S3, size
-and mtime locally: ``uploads.scan``), the featurization settings and a fingerprint of
-this package's source, so any change to the traces, the configuration files or the code
-makes a new entry. Entries are pickles of ``pipeline.Featurized``: only use a store that
-only trusted writers can write to (as for releases). A missing, unreadable or mismatched
-entry is recomputed; a failed cache write only costs the next run a re-read.
+and mtime locally: ``ingest.uploads.scan``), the featurization settings and
+``calibration.featurize.FEATURIZATION_VERSION``, so a change to the traces, the
+configuration files or what featurization computes makes a new entry, and an edit
+elsewhere (the CLI, a model family) does not re-read a 13 GB corpus. Entries are pickles
+of ``calibration.featurize.Featurized``: only use a store that only trusted writers can
+write to (as for releases). A missing, unreadable or mismatched entry is recomputed; a
+failed cache write only costs the next run a re-read.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import pickle
-from pathlib import Path
 from typing import Any
 
-from blis_model import pipeline
-from blis_model.experiment import load_experiment
-from blis_model.release_store import _store_root
+from blis_model.calibration.featurize import FEATURIZATION_VERSION, Featurized, featurize
+from blis_model.configuration.experiment import load_experiment
+from blis_model.ingest.uploads import scan
 from blis_model.storage import (
     StorageError,
     filesystem,
@@ -30,25 +30,9 @@ from blis_model.storage import (
     storage_errors,
     write_bytes_atomic,
 )
-from blis_model.uploads import scan
+from blis_model.storage.layout import feature_cache_url
 
 log = logging.getLogger(__name__)
-
-CACHE_DIR = "cache/features"
-FORMAT = 1
-
-
-@functools.lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """SHA-256 of this package's Python sources and bundled catalog (sorted by path)."""
-    root = Path(__file__).resolve().parent
-    digest = hashlib.sha256(f"format {FORMAT}\n".encode())
-    for path in sorted([*root.rglob("*.py"), *root.rglob("*.json")]):
-        if "__pycache__" in path.parts:
-            continue
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
 
 
 def experiment_url(corpus_url: str, name: str) -> str:
@@ -61,17 +45,17 @@ def cache_key(corpus_url: str, name: str, options: dict[str, Any] | None = None,
     url = experiment_url(corpus_url, name)
     found = scan(url, options).get(".")
     identity = found.identity if found else "missing"
-    doc = {"url": redact(url), "identity": identity, "code": code_fingerprint(),
+    doc = {"url": redact(url), "identity": identity, "featurization": FEATURIZATION_VERSION,
            "default_hardware": default_hardware, "settings": repr(settings)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def entry_url(store_url: str, key: str) -> str:
-    return join(_store_root(store_url), CACHE_DIR, f"{key}.pkl")
+    return feature_cache_url(store_url, key)
 
 
 def load(store_url: str, key: str, name: str, options: dict[str, Any] | None = None
-         ) -> pipeline.Featurized | None:
+         ) -> Featurized | None:
     """The cached featurization of experiment ``name`` under ``key``, or None."""
     url = entry_url(store_url, key)
     fs, path = filesystem(url, options)
@@ -87,14 +71,14 @@ def load(store_url: str, key: str, name: str, options: dict[str, Any] | None = N
         log.warning("feature cache entry %s is unreadable (%s): recomputing", redact(url),
                     type(exc).__name__)
         return None
-    if not isinstance(item, pipeline.Featurized) or item.experiment.name != name:
+    if not isinstance(item, Featurized) or item.experiment.name != name:
         log.warning("feature cache entry %s does not hold experiment %s: recomputing",
                     redact(url), name)
         return None
     return item
 
 
-def save(store_url: str, key: str, item: pipeline.Featurized,
+def save(store_url: str, key: str, item: Featurized,
          options: dict[str, Any] | None = None) -> bool:
     """Store ``item`` under ``key``; False (and a warning) when the store refuses."""
     url = entry_url(store_url, key)
@@ -111,7 +95,7 @@ def featurize_cached(corpus_url: str, name: str, store_url: str,
                      options: dict[str, Any] | None = None,
                      store_options: dict[str, Any] | None = None,
                      default_hardware: str | None = None, settings: Any = None
-                     ) -> tuple[pipeline.Featurized, bool]:
+                     ) -> tuple[Featurized, bool]:
     """``(featurized experiment, from_cache)``: the cached featurization when the
     experiment's objects, settings and code are unchanged, else a fresh one (cached)."""
     key = cache_key(corpus_url, name, options, default_hardware, settings)
@@ -119,10 +103,9 @@ def featurize_cached(corpus_url: str, name: str, store_url: str,
     if item is not None:
         return item, True
     experiment = load_experiment(corpus_url, name, options, default_hardware)
-    item = pipeline.featurize(experiment, options, settings)
+    item = featurize(experiment, options, settings)
     save(store_url, key, item, store_options)
     return item, False
 
 
-__all__ = ["CACHE_DIR", "cache_key", "code_fingerprint", "entry_url", "featurize_cached",
-           "load", "save"]
+__all__ = ["cache_key", "entry_url", "featurize_cached", "load", "save"]

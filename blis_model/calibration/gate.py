@@ -3,15 +3,17 @@ golden corpus?
 
 Compared, pooled over the golden corpus: step-time MAPE (every traced step) and, when the
 golden corpus has journey + API traces, the teacher-forced request-level MAPEs (TTFT,
-ITL, E2E; ``request_accuracy``) of each release's model with its own BLIS alphas
+ITL, E2E; ``requests.accuracy``) of each release's model with its own BLIS alphas
 (``manifest.blis.alpha_coeffs``). The candidate fails when any metric is worse than the
 baseline's by more than ``tolerance_pp`` percentage points, or when it predicts a
-non-finite or non-positive step time. Pure library: the CLI (``blis-model gate``) and the
-promotion code call :func:`compare_releases`.
+non-finite or non-positive step time. Pure library: the CLI (``blis-model gate``) calls
+:func:`compare_releases`; promotion (``releases.channels.promote``) takes the callable of
+:func:`load_gate`. This is the project's one promotion gate.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,23 +21,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from blis_model import pipeline
-from blis_model.alphas import AlphaFit
-from blis_model.dataset import feature_frame
+from blis_model.calibration.featurize import featurize, load_experiments, request_items
+from blis_model.configuration.defaults import BLIS_SHIPPED_ALPHAS, GATE_TOLERANCE_PP
 from blis_model.errors import CorpusError
+from blis_model.features.frame import feature_frame
 from blis_model.metrics import per_experiment, summary
-from blis_model.release import BLIS_SHIPPED_ALPHAS, Release, predict_frame
-from blis_model.request_accuracy import (
+from blis_model.releases.channels import Gate
+from blis_model.releases.read import Release, predict_frame
+from blis_model.requests.accuracy import (
     METRICS,
     RequestData,
     request_accuracy,
     request_accuracy_per_experiment,
     teacher_forced,
 )
-from blis_model.request_level import RequestSettings
+from blis_model.requests.alphas import AlphaFit
+from blis_model.requests.stage import RequestSettings
 from blis_model.storage import redact
 
-DEFAULT_TOLERANCE_PP = 1.0  # allowed MAPE regression, percentage points
 GATE_METRICS: tuple[str, ...] = ("step", *METRICS)
 
 
@@ -65,13 +68,13 @@ def load_golden(corpus_url: str, options: dict[str, Any] | None = None,
                 default_hardware: str | None = None,
                 settings: RequestSettings | None = None) -> GoldenSet:
     """Featurize the golden corpus (CorpusError when it has no usable step)."""
-    experiments = pipeline.load_experiments(corpus_url, options, default_hardware)
-    items = [pipeline.featurize(e, options, settings) for e in experiments]
+    experiments = load_experiments(corpus_url, options, default_hardware)
+    items = [featurize(e, options, settings) for e in experiments]
     frames = [i.frame for i in items if len(i.frame)]
     if not frames:
         raise CorpusError(f"golden corpus {redact(corpus_url)}: no usable steps")
     golden = tuple(GoldenRequests(d, feature_frame(d.experiment, d.full_steps))
-                   for d in pipeline.request_items(items) if d.full_steps.num_rows)
+                   for d in request_items(items) if d.full_steps.num_rows)
     return GoldenSet(redact(corpus_url), pd.concat(frames, ignore_index=True), golden)
 
 
@@ -115,7 +118,7 @@ class GateResult:
     """The gate's verdict. ``metrics``: per metric (``step``, ``ttft``, ``itl``, ``e2e``)
     the pooled MAPE (%) of candidate and baseline and the count scored; ``per_experiment``:
     the same per golden experiment. ``candidate_mape`` / ``baseline_mape`` / ``steps``
-    repeat the step metric (the fields ``channels.GateResult`` has)."""
+    repeat the step metric (what a channel's history shows)."""
 
     passed: bool
     candidate: str
@@ -147,7 +150,7 @@ def _mape(scores: dict[str, Any] | None, metric: str) -> float | None:
 
 
 def compare_releases(candidate: Release, baseline: Release | None, golden: GoldenSet,
-                     tolerance_pp: float = DEFAULT_TOLERANCE_PP,
+                     tolerance_pp: float = GATE_TOLERANCE_PP,
                      metrics: Sequence[str] = GATE_METRICS) -> GateResult:
     """Gate ``candidate`` against ``baseline`` on ``golden`` (see the module docstring).
     Without a baseline only the candidate's own predictions are checked. Request-level
@@ -196,3 +199,12 @@ def compare_releases(candidate: Release, baseline: Release | None, golden: Golde
                       reasons=tuple(reasons), corpus=golden.corpus, steps=int(len(golden.frame)),
                       requests=golden.n_requests, candidate_mape=step.get("candidate"),
                       baseline_mape=step.get("baseline"), compared=tuple(compared))
+
+
+def load_gate(corpus_url: str, options: dict[str, Any] | None = None,
+              default_hardware: str | None = None,
+              tolerance_pp: float = GATE_TOLERANCE_PP) -> Gate:
+    """The promotion gate on a golden corpus, featurized once: a callable (candidate,
+    baseline) → :class:`GateResult` for ``releases.channels.promote``."""
+    golden = load_golden(corpus_url, options, default_hardware)
+    return functools.partial(compare_releases, golden=golden, tolerance_pp=tolerance_pp)

@@ -199,6 +199,6 @@ def arch_from_hf_config(cfg: dict[str, Any], model_id: str = "",
 
 def bundled_model_config(model_id: str) -> dict[str, Any] | None:
     """The bundled HF config.json of a well-known model id (case-insensitive), if any."""
-    text = resources.files("blis_model.catalog").joinpath("models.json").read_text()
+    text = resources.files("blis_model.configuration.catalog").joinpath("models.json").read_text()
     catalog = {k.lower(): v for k, v in json.loads(text).items()}
     return catalog.get(model_id.lower())

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from blis_model import pipeline
+from blis_model.calibration import evaluation
 from blis_model.models.registry import FAMILIES
 
 FAMILY_ORDER: tuple[str, ...] = ("picf", "overlap", "mole_rd", "hfd_tl", "bsr_ard", "rece",
@@ -102,8 +102,8 @@ def compare_families(frame: Any, families: Sequence[str] | None = None) -> Selec
 
     The flow runs the same folds as parallel tasks and calls :func:`score`/:func:`choose`.
     """
-    results = {f: (pipeline.leave_one_experiment_out(frame, f),
-                   pipeline.temporal_holdout(frame, f))
+    results = {f: (evaluation.leave_one_experiment_out(frame, f),
+                   evaluation.temporal_holdout(frame, f))
                for f in (families or candidate_families())}
     selection = choose([score(f, loo, temporal) for f, (loo, temporal) in results.items()])
     return Selection(selection.winner, selection.reason, selection.scores, results)

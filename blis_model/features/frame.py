@@ -1,4 +1,4 @@
-"""Step datasets: step tables of many experiments joined with their configuration and
+"""Feature frames: step tables of many experiments joined with their configuration and
 turned into the feature frame every model family consumes.
 
 A frame has one row per step and these columns:
@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from blis_model.experiment import Experiment
+from blis_model.configuration.defaults import TRAIN_FRACTION
+from blis_model.configuration.experiment import Experiment
 from blis_model.features import candidates, physics  # noqa: F401 - registers the features
 from blis_model.features.blis_parity import BETA_NAMES, blis_basis
 from blis_model.features.context import FeatureContext
@@ -84,7 +85,7 @@ def concat_frames(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def temporal_split(frame: pd.DataFrame, train_fraction: float = 0.7
+def temporal_split(frame: pd.DataFrame, train_fraction: float = TRAIN_FRACTION
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Within each experiment: earliest ``train_fraction`` of steps (by step_id) to train,
     the rest to test. Never random rows: steps are autocorrelated."""
@@ -95,3 +96,15 @@ def temporal_split(frame: pd.DataFrame, train_fraction: float = 0.7
         train.append(group.iloc[:k])
         test.append(group.iloc[k:])
     return concat_frames(train), concat_frames(test)
+
+
+def loo_split(frame: pd.DataFrame, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Leave one experiment out, zero-shot: ``(train, test)`` where test is experiment
+    ``name`` and train every experiment of ANOTHER configuration (an experiment sharing
+    its configuration key would leak its coefficients)."""
+    test = frame[frame["experiment"] == name]
+    if test.empty:
+        return frame.iloc[:0], test
+    train = frame[(frame["experiment"] != name)
+                  & (frame["config_key"] != test["config_key"].iloc[0])]
+    return train, test

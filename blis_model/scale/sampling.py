@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from blis_model import shards
-from blis_model.dataset import concat_frames
+from blis_model.calibration.selection import candidate_families
 from blis_model.errors import CorpusError
+from blis_model.features.frame import concat_frames
 from blis_model.metrics import summary
 from blis_model.models.base import StepTimeModel
 from blis_model.models.registry import AUTO_FAMILY, check_family, make_model
-from blis_model.selection import candidate_families
+from blis_model.scale import shards
 
 EXACT_FAMILY = "picf"  # fit from sufficient statistics, never from the sample
 MAX_FIT_ROWS = 100_000  # < 1 GB per worker for the sample-based fits (benchmarks/scale.py)
