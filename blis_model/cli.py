@@ -37,26 +37,23 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from blis_model.calibration import evaluation as evaluations
 from blis_model.calibration import featurize as featurization
+from blis_model.calibration import recipe
 from blis_model.calibration.gate import load_gate
-from blis_model.calibration.selection import compare_families
 from blis_model.configuration.defaults import GATE_TOLERANCE_PP
 from blis_model.configuration.experiment import Experiment
 from blis_model.errors import BlisModelError, CorpusError, ReleaseError
 from blis_model.metrics import per_experiment
-from blis_model.models.registry import AUTO_FAMILY, FAMILIES, make_model
+from blis_model.models.registry import AUTO_FAMILY, FAMILIES
 from blis_model.releases import channels
-from blis_model.releases.build import build_release, release_version
 from blis_model.releases.channels import Pointer, list_channels
 from blis_model.releases.diff import diff_releases
 from blis_model.releases.read import Release, load_release, predict_frame, read_manifest
-from blis_model.releases.store import list_releases, publish
+from blis_model.releases.store import list_releases
 from blis_model.releases.versions import code_version
 from blis_model.requests import stage as request_level
 from blis_model.storage import (
     StorageError,
-    check_reachable,
     redact,
     storage_options_for,
     write_bytes_atomic,
@@ -190,21 +187,6 @@ def _featurize_all(experiments: Sequence[Experiment], options: dict[str, Any],
     return items
 
 
-def _warn_ingest(items: Sequence[featurization.Featurized]) -> None:
-    for item in items:
-        r = item.report
-        dropped = int(r.counts.get("steps_bad_duration", 0))
-        if r.problems:
-            first = redact(str(r.problems[0]))
-            extra = len(r.problems) - 1
-            more = f" (+{extra} more, see the manifest)" if extra else ""
-            err.print(f"warning: {item.experiment.name}: {len(r.problems)} unreadable part(s) "
-                      f"skipped: {first}{more}", markup=False)
-        if dropped:
-            err.print(f"warning: {item.experiment.name}: {dropped} step(s) with missing or "
-                      "non-positive duration excluded", markup=False)
-
-
 def _load_release(url: str) -> Release:
     """Load a release; a store URL given instead gets a hint."""
     options = storage_options_for(url)
@@ -288,53 +270,25 @@ def fit(corpus: CorpusArg, store: StoreOpt, family: FamilyOpt = AUTO_FAMILY,
 def _fit(corpus: str, store: str, family: str, base: str | None,
          default_hardware: str | None,
          settings: request_level.RequestSettings | None = None) -> str:
-    corpus_opts, store_opts = storage_options_for(corpus), storage_options_for(store)
-    base_release: Release | None = None
-    if base:
-        base_release = _load_release(base)
-        family = base_release.family
-        err.print(f"calibrating release {base_release.version} ({family})", markup=False)
-    elif family != AUTO_FAMILY:
-        make_model(family)  # unknown family: ValueError naming the known ones
-    check_reachable(store, store_opts)
-    with err.status("discovering experiments"):
-        experiments = featurization.load_experiments(corpus, corpus_opts, default_hardware)
-    err.print(f"{len(experiments)} experiment(s) under {redact(corpus)}", markup=False)
-    everything = _featurize_all(experiments, corpus_opts, settings)
-    _warn_ingest(everything)
-    items, excluded = featurization.split_overloaded(everything, settings)
-    for name, why in excluded.items():
-        err.print(f"warning: {name} excluded from training: {why}", markup=False)
-    frame = featurization.training_frame(items)
-    selection = None
-    if family == AUTO_FAMILY:
-        with err.status("choosing the family (leave-one-experiment-out, temporal holdout)"):
-            selection = compare_families(frame)
-        family = selection.winner
-        err.print(f"family {selection.reason}", markup=False)
-    with err.status(f"fitting {family} on {len(frame)} steps"):
-        model = evaluations.fit_model(frame, family,
-                                   base=base_release.model if base_release else None)
-    with err.status("evaluating (in-sample, temporal holdout, leave-one-out)"):
-        loo, temporal = selection.results[family] if selection else (None, None)
-        evaluation = evaluations.evaluate(frame, model, family, loo=loo, temporal=temporal)
-        if selection:
-            evaluation["family_selection"] = selection.to_dict()
-    with err.status("request level: alphas, TTFT / ITL / E2E"):
-        stage = request_level.request_stage(
-            featurization.request_items(items), model, family, settings, excluded,
-            featurization.request_items(everything))
-    with err.status("building and publishing the release"):
-        files = build_release(model, frame, [i.experiment for i in items],
-                              [i.report for i in everything], corpus,
-                              {**evaluation, **stage.evaluation}, family,
-                              base_version=base_release.version if base_release else None,
-                              options=corpus_opts, **stage.release_kwargs)
-        url = publish(files, store, release_version(files), store_opts)
-    manifest = json.loads(files["manifest.json"])
-    err.print(_accuracy_table(manifest, f"release {manifest['version']} ({family})"))
+    """The calibration recipe in this process (``calibration.recipe.calibrate``), with
+    its steps as a status line; then the release's accuracy tables."""
+    with err.status("planning") as status:
+        url = recipe.calibrate(corpus, store, family=family, base=base,
+                               default_hardware=default_hardware, settings=settings,
+                               cache=False, progress=lambda step: _step(status, step))
+    manifest = read_manifest(url, storage_options_for(url))
+    err.print(_accuracy_table(manifest, f"release {manifest['version']} "
+                                        f"({manifest['family']})"))
     _print_request_level(manifest)
     return url
+
+
+def _step(status: Any, step: str) -> None:
+    """Show a recipe step on the status line (a line each when stderr is not a terminal:
+    logs keep them); decisions (the family) always stay on screen."""
+    if step.startswith("family ") or not err.is_terminal:
+        err.print(step, markup=False)
+    status.update(step)
 
 
 @app.command()
@@ -355,7 +309,8 @@ def _predict(release_url: str, corpus: str, out: str, default_hardware: str | No
     with err.status("discovering experiments"):
         experiments = featurization.load_experiments(corpus, corpus_opts, default_hardware)
     items = _featurize_all(experiments, corpus_opts)
-    _warn_ingest(items)
+    for item in items:
+        recipe.warn_ingest(item)
     frames = [i.frame for i in items if len(i.frame)]
     if not frames:
         raise CorpusError(f"no usable steps under {corpus}: nothing to predict")

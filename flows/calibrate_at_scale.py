@@ -26,6 +26,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.context import get_run_context
 
+from blis_model.configuration.defaults import MAX_REQUEST_FAILURE_RATE
 from blis_model.errors import CorpusError
 from blis_model.models.registry import AUTO_FAMILY, check_family
 from blis_model.requests.stage import RequestSettings
@@ -38,18 +39,19 @@ from blis_model.scale.sampling import (
     fit_description,
     sample_size,
 )
-from blis_model.storage import join, redact
-from blis_model.storage.layout import store_root
+from blis_model.storage import redact
+from blis_model.storage.layout import cache_url
 from flows.runtime import (
-    is_loopback,
     quiet_domain_tracebacks,
     ray_task_runner,
     set_prefect_server_env,
+    warn_unreachable_api,
 )
 from tasks.evaluate import choose_family
-from tasks.ingest import check_store, discover
+from tasks.ingest import discover, plan
 from tasks.release import publish_release
 from tasks.shards import (
+    alphas_at_scale,
     fit_family,
     fit_fold,
     sample_for_fit,
@@ -64,7 +66,7 @@ MAX_SAMPLE_ROWS = 20_000
 
 def work_url(store: str, work: str | None) -> str:
     """Where shards go: ``work``, else ``<store>/cache``."""
-    return work or join(store_root(store), "cache")
+    return work or cache_url(store)
 
 
 def _peaks(memories: list[dict[str, Any]]) -> dict[str, float]:
@@ -128,7 +130,7 @@ def _score_families(usable: list[shards.ShardSummary], families: list[str],
 @flow(name="calibrate-shards")
 def calibrate_shards(corpus: str, store: str, work: str | None = None,
                      default_hardware: str | None = None,
-                     max_request_failure_rate: float | None = 0.05,
+                     max_request_failure_rate: float | None = MAX_REQUEST_FAILURE_RATE,
                      max_sample_rows: int = MAX_SAMPLE_ROWS, family: str = FAMILY,
                      max_fit_rows: int = MAX_FIT_ROWS) -> str:
     """discover → shard each experiment (fan out) → fit (PICF from statistics; any other
@@ -136,13 +138,13 @@ def calibrate_shards(corpus: str, store: str, work: str | None = None,
     validate (in-sample, temporal, LOO: one shard per task, fan out) → [choose the family]
     → sample → release. Returns the release URL."""
     logger = get_run_logger()
-    family = check_family(family)  # ValueError naming the allowed values, before any work
     settings = RequestSettings(max_request_failure_rate=max_request_failure_rate)
+    p = plan(corpus, store, family, None, default_hardware, settings)  # fails before work
+    family = p.family
     work = work_url(store, work)
-    check_store(store)
 
     # Featurize every experiment into its shard on a worker; keep only the summaries.
-    names = discover(corpus)
+    names = discover(p)
     done = shard_experiment.map(unmapped(corpus), names, unmapped(work),
                                 unmapped(default_hardware), unmapped(settings))
     results = [f.result() for f in done]
@@ -154,6 +156,7 @@ def calibrate_shards(corpus: str, store: str, work: str | None = None,
                 len(summaries), len(summaries) - reused, reused, redact(work))
     usable = [s for s in summaries if s.rows]
     steps = sum(s.rows for s in summaries)
+    stage = alphas_at_scale.submit(p, summaries)  # the request level: alphas only
 
     # Fit; validate each experiment from one read of its shard; choose the family (auto).
     sample = sample_rows.submit(usable, max_sample_rows)
@@ -193,14 +196,14 @@ def calibrate_shards(corpus: str, store: str, work: str | None = None,
                                               scores["temporal"], steps, sampling)
     if selection is not None:
         evaluation["family_selection"] = selection.to_dict()
-    return publish_release.submit(model, frame, experiments, [s.report for s in summaries],
-                                  corpus, store, evaluation, family).result()
+    return publish_release(p, model, family, frame, experiments,
+                           [s.report for s in summaries], evaluation, stage.result())
 
 
 @flow(name="calibrate-at-scale")
 def calibrate_at_scale(corpus: str, store: str, work: str | None = None,
                        ray_address: str | None = None, default_hardware: str | None = None,
-                       max_request_failure_rate: float | None = 0.05,
+                       max_request_failure_rate: float | None = MAX_REQUEST_FAILURE_RATE,
                        max_sample_rows: int = MAX_SAMPLE_ROWS,
                        num_cpus: int | None = None, family: str = FAMILY,
                        max_fit_rows: int = MAX_FIT_ROWS) -> str:
@@ -210,10 +213,7 @@ def calibrate_at_scale(corpus: str, store: str, work: str | None = None,
     (``num_cpus`` workers; default: this machine's CPUs) or on the cluster at
     ``ray_address``."""
     api_url = str(get_run_context().client.api_url).rstrip("/")
-    if ray_address and is_loopback(api_url):
-        get_run_logger().warning(
-            "the Ray cluster's workers cannot reach this machine's Prefect API %s: set "
-            "PREFECT_API_URL to a Prefect server they can reach", redact(api_url))
+    warn_unreachable_api(api_url, ray_address)
     recipe = calibrate_shards.with_options(
         task_runner=ray_task_runner(api_url, ray_address, num_cpus))
     return recipe(corpus, store, work, default_hardware, max_request_failure_rate,

@@ -16,7 +16,6 @@ from blis_model.releases.store import list_releases
 from blis_model.storage import redact
 from blis_model.storage.layout import release_url
 from flows.calibrate import calibrate
-from tasks.artifacts import plot_frame, publish_artifacts, release_plots
 from tasks.channels import move_channel, run_actor
 
 
@@ -40,18 +39,10 @@ def recalibrate(corpus: str, store: str, family: str = AUTO_FAMILY,
                     redact(corpus), last.get("version"))
         return release_url(store, str(last.get("version")))
     logger.info("recalibrating on %s (%s): %s", redact(corpus), family, reason)
+    # The calibrate flow publishes the release's artifacts (model card, metrics, plots).
     url = calibrate(corpus=corpus, store=store, family=family, ray_address=ray_address,
                     default_hardware=default_hardware)
     version = url.rstrip("/").rsplit("/", 1)[-1]
-    # Plots are drawn from the corpus only when the release folder has none of its own.
-    frame = None if release_plots(url) else plot_frame(corpus)
-    learning = None
-    if frame is not None:
-        from blis_model.calibration.evaluation import learning_curve
-        from blis_model.releases.read import read_manifest
-
-        learning = learning_curve(frame, str(read_manifest(url)["family"]))
-    publish_artifacts(url, frame, learning)
     mark_calibrated(store, corpus, identity, version)
     move_channel(store, version, channel, by=run_actor(), reason=reason, latest_wins=True)
     known = len(list_releases(store))

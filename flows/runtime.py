@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from blis_model.errors import BlisModelError
-from blis_model.storage import StorageError
+from blis_model.storage import StorageError, redact
 
 if TYPE_CHECKING:
     from prefect_ray import RayTaskRunner
@@ -111,6 +111,26 @@ def is_loopback(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def ray_address_is_remote(address: str | None) -> bool:
+    """True when ``address`` names a Ray cluster on another host (``ray://host:10001``
+    or ``host:6379``); None (a local Ray), ``auto`` and loopback hosts are local."""
+    if not address or address in ("auto", "local"):
+        return False
+    host = urlsplit(address if "://" in address else f"ray://{address}").hostname or ""
+    return not is_loopback(f"http://{host}")
+
+
+def warn_unreachable_api(api_url: str, ray_address: str | None) -> None:
+    """Warn when a REMOTE cluster's workers would report to this machine's loopback
+    Prefect API (they cannot reach it); a cluster on this host can."""
+    if ray_address_is_remote(ray_address) and is_loopback(api_url):
+        from prefect import get_run_logger
+
+        get_run_logger().warning(
+            "the Ray cluster's workers cannot reach this machine's Prefect API %s: set "
+            "PREFECT_API_URL to a Prefect server they can reach", redact(api_url))
 
 
 def ray_task_runner(api_url: str | None, address: str | None = None,

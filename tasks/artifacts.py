@@ -1,8 +1,7 @@
 """Artifacts a reviewer reads in the Prefect UI: the release's model card, its metrics per
 experiment (and per family when the release compared several) and its plots.
 
-Plots come from the release folder (``plots/*.png``) when the release has them, else they
-are drawn from the feature frame given (``blis_model.plots``). They are embedded as
+Plots come from the release folder (``plots/*.png``). They are embedded as
 ``data:`` URLs in markdown artifacts (the UI renders markdown images as ``<img>``), because
 a release store is usually not reachable from a browser; Prefect's image artifacts take a
 URL and print it in full under the image, which for a data URL is 100 kB of text.
@@ -15,14 +14,13 @@ import json
 import re
 from typing import Any
 
-import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from blis_model.releases import plots
 from blis_model.releases.files import MODEL_CARD
-from blis_model.releases.read import load_release, predict_frame
+from blis_model.releases.read import load_release
 from blis_model.storage import filesystem, join, redact, storage_errors
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
 
@@ -131,8 +129,7 @@ def card_with_plots(card: str, images: dict[str, bytes]) -> str:
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
-def publish_artifacts(release_url: str, frame: pd.DataFrame | None = None,
-                      learning: list[dict[str, float]] | None = None) -> dict[str, str]:
+def publish_artifacts(release_url: str) -> dict[str, str]:
     """Publish the release's model card, metrics table and plots as artifacts of this
     flow run; return ``{artifact key: kind}``."""
     logger = get_run_logger()
@@ -140,8 +137,6 @@ def publish_artifacts(release_url: str, frame: pd.DataFrame | None = None,
     manifest = release.manifest
     version = release.version
     images = release_plots(release_url)
-    if not images and frame is not None and len(frame):
-        images = plots.release_plots(frame, predict_frame(release, frame), learning)
     card = _read_text(release_url, MODEL_CARD) or f"# Release {version}\n"
     published: dict[str, str] = {}
     link = redact(release_url)
@@ -162,17 +157,6 @@ def publish_artifacts(release_url: str, frame: pd.DataFrame | None = None,
     logger.info("release %s: published its model card, metrics table and %d plot(s) as "
                 "artifacts (%s)", version, len(images), json.dumps(sorted(published)))
     return published
-
-
-@task(name="plot-frame", cache_policy=NO_CACHE, retries=RETRIES,
-      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
-def plot_frame(corpus: str) -> pd.DataFrame:
-    """The corpus's feature frame, to draw a release's plots when its folder has none."""
-    from blis_model.calibration.gate import load_golden
-
-    frame = load_golden(corpus).frame
-    get_run_logger().info("drawing plots from %d steps of %s", len(frame), redact(corpus))
-    return frame
 
 
 def _pct(value: Any) -> str:
@@ -203,5 +187,5 @@ def gate_markdown(gate: dict[str, Any], verdict: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["card_with_plots", "gate_markdown", "metrics_rows", "plot_frame",
+__all__ = ["card_with_plots", "gate_markdown", "metrics_rows",
            "plots_markdown", "publish_artifacts", "release_plots"]

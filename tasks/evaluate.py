@@ -1,24 +1,26 @@
-"""Evaluation tasks: leave-one-experiment-out folds, temporal holdout, the report."""
+"""Evaluation tasks: leave-one-experiment-out folds, the temporal holdout, the family
+choice, the release's accuracy report, its request level and its learning curve
+(``calibration.recipe``'s steps, one task each so they fan out on Ray)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blis_model.calibration import evaluation as evaluations
-from blis_model.calibration.selection import Selection, choose, score
+from blis_model.calibration import evaluation, recipe
+from blis_model.calibration.selection import Folds, Selection
 from blis_model.models.base import StepTimeModel
-from blis_model.requests import stage as request_level
-from blis_model.requests.accuracy import RequestData
+from blis_model.requests.stage import RequestStage
 
 
-@task(name="loo-fold", task_run_name="loo-fold {name}", cache_policy=NO_CACHE)
+@task(name="loo-fold", task_run_name="loo-fold {family} {name}", cache_policy=NO_CACHE)
 def loo_fold(frame: pd.DataFrame, name: str, family: str) -> dict[str, float] | None:
     """Zero-shot accuracy on ``name``: fit on the other configurations, predict it."""
-    fold = evaluations.leave_one_out_fold(frame, name, family)
+    fold = evaluation.leave_one_out_fold(frame, name, family)
     if fold is None:
         get_run_logger().info("leave-one-out %s: skipped (no other configuration)", name)
     else:
@@ -27,20 +29,16 @@ def loo_fold(frame: pd.DataFrame, name: str, family: str) -> dict[str, float] | 
     return fold
 
 
-@task(name="temporal-holdout", cache_policy=NO_CACHE)
+@task(name="temporal-holdout", task_run_name="temporal-holdout {family}", cache_policy=NO_CACHE)
 def temporal_holdout(frame: pd.DataFrame, family: str) -> dict[str, dict[str, float]]:
     """Fit on the first 70% of every experiment's steps, score the last 30%."""
-    return evaluations.temporal_holdout(frame, family)
-
-
-def _completed_folds(loo: dict[str, Any]) -> dict[str, dict[str, float]]:
-    return {name: loo[name] for name in sorted(loo) if loo[name] is not None}
+    return evaluation.temporal_holdout(frame, family)
 
 
 @task(name="choose-family", cache_policy=NO_CACHE)
-def choose_family(loo: dict[str, dict[str, Any]], temporal: dict[str, Any]) -> Selection:
+def choose_family(folds: Folds, temporal: Mapping[str, Any]) -> Selection:
     """Score every family from its folds and pick the leave-one-experiment-out winner."""
-    selection = choose([score(f, _completed_folds(loo[f]), temporal[f]) for f in loo])
+    selection = recipe.choose_family(folds, temporal)
     logger = get_run_logger()
     for s in selection.scores:
         logger.info("family %s: leave-one-out MAPE %.1f%%, temporal MAPE %.1f%%", s.family,
@@ -50,31 +48,25 @@ def choose_family(loo: dict[str, dict[str, Any]], temporal: dict[str, Any]) -> S
 
 
 @task(name="accuracy-report", cache_policy=NO_CACHE)
-def accuracy_report(frame: pd.DataFrame, model: StepTimeModel, family: str,
-                    loo: dict[str, dict[str, float] | None],
-                    temporal: dict[str, dict[str, float]],
-                    selection: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The release's evaluation (``evaluations.evaluate``) from the folds run as tasks, with
-    the family comparison when the family was chosen automatically."""
-    evaluation = evaluations.evaluate(frame, model, family, loo=_completed_folds(loo),
-                                   temporal=temporal)
-    if selection:
-        evaluation["family_selection"] = selection
-    s = evaluation["summary"]
+def accuracy_report(frame: pd.DataFrame, model: StepTimeModel, family: str, folds: Folds,
+                    temporal: Mapping[str, Any], selection: Selection | None
+                    ) -> dict[str, Any]:
+    """The release's evaluation from the folds run as tasks, with the family comparison
+    when the family was chosen automatically."""
+    report = recipe.report(frame, model, family, folds, temporal, selection)
+    s = report["summary"]
     get_run_logger().info("%s accuracy (mean MAPE over experiments): in-sample %.1f%%, temporal "
                           "holdout %.1f%%, leave-one-experiment-out %.1f%%", family,
                           s["in_sample_mape"], s["temporal_mape"], s["loo_mape"])
-    return evaluation
+    return report
 
 
 @task(name="request-level", cache_policy=NO_CACHE)
-def request_level_report(data: list[RequestData], model: StepTimeModel, family: str,
-                         settings: request_level.RequestSettings,
-                         excluded: dict[str, str], reported: list[RequestData]
-                         ) -> request_level.RequestStage:
+def request_level(p: recipe.Plan, training: recipe.Training, model: StepTimeModel,
+                  family: str) -> RequestStage:
     """Alphas (pooled + per configuration) and TTFT / ITL / E2E accuracy of the training
     experiments' request data; BLIS default alphas when there are none."""
-    stage = request_level.request_stage(data, model, family, settings, excluded, reported)
+    stage = recipe.request_level(p, training, model, family)
     logger = get_run_logger()
     if stage.alphas.pooled is None:
         logger.info("alphas: %s", stage.alphas.source)
@@ -89,3 +81,14 @@ def request_level_report(data: list[RequestData], model: StepTimeModel, family: 
                     s["ttft_mape"], s["itl_mape"], s["e2e_mape"], s["temporal_ttft_mape"],
                     s["temporal_itl_mape"], s["temporal_e2e_mape"])
     return stage
+
+
+@task(name="learning-curve", cache_policy=NO_CACHE)
+def learning_curve(p: recipe.Plan, frame: pd.DataFrame, family: str
+                   ) -> list[dict[str, float]] | None:
+    """Temporal-holdout error against the number of training steps (for the release)."""
+    points = recipe.curve(p, frame, family)
+    if points:
+        get_run_logger().info("learning curve: %s", ", ".join(
+            f"{pt['train_steps']} steps → {pt['mape']:.1f}%" for pt in points))
+    return points

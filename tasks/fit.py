@@ -3,9 +3,9 @@
 A family fits its per-configuration sets as separate, parallel specialists when its
 estimator has a ``per_config`` parameter, a ``calibrate(frame)`` that refits the sets of
 the configurations in ``frame`` around its global coefficients, and
-``with_config_sets(specialists)`` to merge them — promising that
-``fit(frame)`` equals ``fit`` with ``per_config=False``, calibrated per configuration and
-merged (PICF does). Any other family is fit in one task.
+``with_config_sets(specialists)`` to merge them (``calibration.recipe.has_specialists``)
+— promising that ``fit(frame)`` equals ``fit`` with ``per_config=False``, calibrated per
+configuration and merged (PICF does). Any other family is fit in one task.
 """
 
 from __future__ import annotations
@@ -16,45 +16,26 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blis_model.calibration import evaluation
+from blis_model.calibration import evaluation, recipe
 from blis_model.metrics import summary
 from blis_model.models.base import StepTimeModel
-from blis_model.models.registry import make_model
-from blis_model.releases.read import Release, load_release
-from blis_model.storage import redact
-from tasks.policy import RETRIES, RETRY_DELAYS, transient
-
-
-def has_specialists(family: str) -> bool:
-    """True when ``family`` fits its per-configuration sets as separate specialists."""
-    model = make_model(family)
-    return "per_config" in model.get_params() and hasattr(model, "with_config_sets")
-
-
-@task(name="load-base", cache_policy=NO_CACHE, retries=RETRIES,
-      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
-def load_base(url: str) -> Release:
-    """The release to calibrate instead of fitting afresh."""
-    release = load_release(url)
-    get_run_logger().info("calibrating release %s (%s) from %s", release.version,
-                          release.family, redact(url))
-    return release
 
 
 @task(name="fit-global", cache_policy=NO_CACHE)
-def fit_global(frame: pd.DataFrame, family: str, base: StepTimeModel | None = None
-               ) -> StepTimeModel:
+def fit_global(p: recipe.Plan, frame: pd.DataFrame, family: str) -> StepTimeModel:
     """The model before specialists: the global fit over every step (only its global set
-    when specialists follow), or the ``base`` release's model to calibrate."""
-    specialists = has_specialists(family)
-    if base is not None and specialists:
-        return base
-    params = {"per_config": False} if specialists and base is None else {}
-    model = evaluation.fit_model(frame, family, base=base, **params)
+    when specialists follow), or the base release calibrated on them."""
+    specialists = recipe.has_specialists(family)
+    if p.base is not None and specialists:
+        return p.base.model
+    if p.base is None and specialists:
+        model = evaluation.fit_model(frame, family, per_config=False)
+    else:
+        model = recipe.fit(p, frame, family)
     fit = summary(model.predict(frame), frame["duration_us"].to_numpy())
     get_run_logger().info("%s %s on %d steps of %d experiment(s): in-sample MAPE %.1f%%",
-                          "calibrated" if base is not None else "global fit", family, len(frame),
-                          frame["experiment"].nunique(), fit["mape"])
+                          "calibrated" if p.base is not None else "global fit", family,
+                          len(frame), frame["experiment"].nunique(), fit["mape"])
     return model
 
 

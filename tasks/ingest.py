@@ -1,34 +1,21 @@
-"""Ingest tasks: find the experiments of a corpus, and featurize one experiment."""
+"""Ingest tasks: plan the run, find the experiments of a corpus, featurize one experiment,
+select the training experiments (``calibration.recipe``'s steps, with retries and logs)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blis_model.calibration import featurize as featurization
-from blis_model.calibration.cache import featurize_cached
-from blis_model.configuration.experiment import load_experiment
+from blis_model.calibration import recipe
+from blis_model.calibration.featurize import Featurized
 from blis_model.requests.stage import RequestSettings
 from blis_model.storage import check_reachable, redact
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
 
 MAX_PROBLEMS_LOGGED = 5
 CACHE_HIT = "reused from the feature cache"
-#: FAULT INJECTION, for tests only (tests/test_faults.py): when this variable names a
-#: folder holding a file named after an experiment, the featurize task of that experiment
-#: deletes the file and kills its own process (a Ray worker dying mid-task), once.
-CRASH_ONCE_ENV = "BLIS_TEST_CRASH_ONCE_DIR"
-
-
-@task(name="check-store", cache_policy=NO_CACHE, retries=RETRIES,
-      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
-def check_store(store: str) -> None:
-    """Fail early, before any work, when the release store cannot be written to."""
-    check_reachable(store)
 
 
 @task(name="preflight", cache_policy=NO_CACHE, retries=RETRIES,
@@ -40,43 +27,42 @@ def preflight(corpus: str, store: str) -> None:
     check_reachable(store)
 
 
+@task(name="plan", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
+def plan(corpus: str, store: str, family: str, base: str | None,
+         default_hardware: str | None, settings: RequestSettings) -> recipe.Plan:
+    """The run resolved before any work (store reachable, family known, base loaded)."""
+    p = recipe.plan(corpus, store, family, base, default_hardware, settings)
+    if p.base is not None:
+        get_run_logger().info("calibrating release %s (%s) from %s", p.base.version, p.family,
+                              redact(base or ""))
+    return p
+
+
 @task(name="discover", cache_policy=NO_CACHE, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
-def discover(corpus: str) -> list[str]:
+def discover(p: recipe.Plan) -> list[str]:
     """Names of the corpus's experiments (CorpusError when there are none)."""
-    names = featurization.experiment_names(corpus)
-    get_run_logger().info("found %d experiment(s) under %s: %s", len(names), redact(corpus),
+    names = recipe.discover(p)
+    get_run_logger().info("found %d experiment(s) under %s: %s", len(names), redact(p.corpus),
                           ", ".join(names))
     return names
 
 
 @task(name="featurize", task_run_name="featurize {name}", cache_policy=NO_CACHE,
       retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
-def featurize(corpus: str, name: str, default_hardware: str | None = None,
-              settings: RequestSettings | None = None, store: str | None = None
-              ) -> featurization.Featurized:
-    """Load one experiment's configuration and stream its traces into its feature frame
-    (with its request data when the traces have journey/API spans).
-
-    With ``store``, an experiment whose objects (and the code) are unchanged since it was
-    last featurized is read from the feature cache under ``<store>/cache/`` instead
-    (``feature_cache``), and a fresh featurization is added to it.
+def featurize(p: recipe.Plan, name: str) -> Featurized:
+    """One experiment's configuration, traces, request data and feature frame; an
+    experiment unchanged since it was last featurized comes from ``<store>/cache/``.
 
     A configuration problem (ConfigError naming experiment, file and key) or a request
     table failing validation (CorpusError) is not retried.
     """
-    _crash_once_if_asked(name)
     logger = get_run_logger()
-    if store is None:
-        item = featurization.featurize(load_experiment(corpus, name, None, default_hardware), None,
-                                  settings)
-    else:
-        item, cached = featurize_cached(corpus, name, store, default_hardware=default_hardware,
-                                        settings=settings)
-        if cached:
-            logger.info("%s: %s (unchanged objects) — %d steps", name, CACHE_HIT,
-                        len(item.frame))
-            return item
+    item, cached = recipe.featurize_experiment(p, name)
+    if cached:
+        logger.info("%s: %s (unchanged objects) — %d steps", name, CACHE_HIT, len(item.frame))
+        return item
     exp, report = item.experiment, item.report
     c = report.counts
     logger.info("%s (%s, %s, TP%d): %d steps kept of %d traced; dropped %d duplicate and %d "
@@ -98,23 +84,14 @@ def featurize(corpus: str, name: str, default_hardware: str | None = None,
     return item
 
 
-def _crash_once_if_asked(name: str) -> None:
-    """The fault-injection hook of :data:`CRASH_ONCE_ENV` (a no-op unless it is set)."""
-    folder = os.environ.get(CRASH_ONCE_ENV)
-    if not folder:
-        return
-    try:
-        (Path(folder) / name).unlink()  # only one attempt can remove the marker
-    except FileNotFoundError:
-        return
-    os._exit(1)
-
-
 @task(name="select-training", cache_policy=NO_CACHE)
-def select_training(items: Sequence[featurization.Featurized], settings: RequestSettings
-                    ) -> tuple[list[featurization.Featurized], dict[str, str]]:
-    """(kept, excluded name → reason): overloaded experiments left out when configured."""
-    kept, excluded = featurization.split_overloaded(items, settings)
-    for name, why in excluded.items():
-        get_run_logger().warning("%s excluded from training: %s", name, why)
-    return kept, excluded
+def select_training(p: recipe.Plan, items: Sequence[Featurized]) -> recipe.Training:
+    """Overloaded experiments left out (when configured); the training frame built once."""
+    training = recipe.select_training(p, items)
+    logger = get_run_logger()
+    for name, why in training.excluded.items():
+        logger.warning("%s excluded from training: %s", name, why)
+    frame = training.frame
+    logger.info("training on %d steps of %d experiment(s) in %d configuration(s)",
+                len(frame), frame["experiment"].nunique(), frame["config_key"].nunique())
+    return training

@@ -13,12 +13,11 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from blis_model.calibration import cache as feature_cache
+from blis_model.calibration import cache, recipe
 from blis_model.configuration.experiment import Experiment, load_experiment
 from blis_model.models.base import StepTimeModel
-from blis_model.requests.stage import RequestSettings
-from blis_model.scale import sampling as scale_families
-from blis_model.scale import shards
+from blis_model.requests.stage import RequestSettings, RequestStage, alpha_stage
+from blis_model.scale import sampling, shards
 from blis_model.storage import redact
 from tasks.policy import RETRIES, RETRY_DELAYS, transient
 
@@ -34,11 +33,11 @@ def shard_experiment(corpus: str, name: str, work: str, default_hardware: str | 
                      settings: RequestSettings | None = None
                      ) -> tuple[Experiment, shards.ShardSummary, dict[str, Any]]:
     """(experiment, its shard summary, worker memory). The shard is keyed by
-    ``feature_cache.cache_key`` (object identities, settings, code): an unchanged
+    ``cache.cache_key`` (object identities, settings, code): an unchanged
     experiment's committed shard is reused, not featurized again."""
     logger = get_run_logger()
     experiment = load_experiment(corpus, name, None, default_hardware)
-    key = feature_cache.cache_key(corpus, name, None, default_hardware, settings)
+    key = cache.cache_key(corpus, name, None, default_hardware, settings)
     url = shards.shard_url_for(work, key)
     summary = shards.load_summary(url)
     if summary is not None:
@@ -53,13 +52,31 @@ def shard_experiment(corpus: str, name: str, work: str, default_hardware: str | 
     return experiment, summary, memory()
 
 
+@task(name="alphas-at-scale", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
+def alphas_at_scale(p: recipe.Plan, summaries: Sequence[shards.ShardSummary]) -> RequestStage:
+    """The request level at scale: the alphas fit on every request's journey + API
+    timestamps (a few numbers per request, read next to each shard) and each
+    experiment's request validation; request-level accuracy is not computed at scale
+    (the manifest says so)."""
+    samples = [s for s in (shards.alpha_sample(x) for x in summaries) if s is not None]
+    reports = {x.experiment: x.requests for x in summaries if x.requests is not None}
+    stage = alpha_stage(samples, reports, p.settings)
+    a = stage.alphas.pooled
+    get_run_logger().info(
+        "alphas: %s", stage.alphas.source if a is None else
+        f"α0 {a.alpha0_us:.1f} µs, α1 {a.alpha1_us:.1f} µs, α2 {a.alpha2_us:.3f} µs/token "
+        f"({a.n_pre_queue} requests of {len(samples)} experiment(s))")
+    return stage
+
+
 @task(name="sample-rows", cache_policy=NO_CACHE)
 def sample_rows(summaries: Sequence[shards.ShardSummary], max_rows: int
                 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """A bounded, deterministic sample of steps across shards (evenly spaced by step id
     within each shard, quotas proportional to its steps), for the release's BLIS
     projection."""
-    frame = scale_families.draw_fit_sample(summaries, max_rows).frame
+    frame = sampling.draw_fit_sample(summaries, max_rows).frame
     get_run_logger().info("sampled %d of %d steps for the release's BLIS projection",
                           len(frame), sum(s.rows for s in summaries))
     return frame, memory()
@@ -70,10 +87,10 @@ def sample_rows(summaries: Sequence[shards.ShardSummary], max_rows: int
 
 @task(name="sample-for-fit", cache_policy=NO_CACHE)
 def sample_for_fit(summaries: Sequence[shards.ShardSummary], max_rows: int
-                   ) -> scale_families.FitSample:
+                   ) -> sampling.FitSample:
     """The bounded, deterministic sample of steps every non-PICF fit uses (at most
     ``max_rows``; evenly spaced by step id within each shard, read one at a time)."""
-    sample = scale_families.draw_fit_sample(summaries, max_rows)
+    sample = sampling.draw_fit_sample(summaries, max_rows)
     get_run_logger().info("fit sample: %d of %d steps (at most %d; %d in the temporal train "
                           "parts); worker peak RSS %.0f MB", sample.rows, sample.total_steps,
                           max_rows, int(sample.train.sum()), shards.peak_rss_mb())
@@ -81,10 +98,10 @@ def sample_for_fit(summaries: Sequence[shards.ShardSummary], max_rows: int
 
 
 def _fit(family: str, summaries: Sequence[shards.ShardSummary],
-         sample: scale_families.FitSample | None, train: bool, held_config: str | None
+         sample: sampling.FitSample | None, train: bool, held_config: str | None
          ) -> tuple[StepTimeModel | None, dict[str, Any]]:
-    model = scale_families.fit_scale_model(family, summaries, sample, train, held_config)
-    rows = ("all steps' statistics" if family == scale_families.EXACT_FAMILY
+    model = sampling.fit_scale_model(family, summaries, sample, train, held_config)
+    rows = ("all steps' statistics" if family == sampling.EXACT_FAMILY
             else f"{len(sample.part(train, held_config)) if sample else 0} sampled steps")
     what = ("temporal train parts" if train else
             f"without {held_config}" if held_config else "everything")
@@ -95,7 +112,7 @@ def _fit(family: str, summaries: Sequence[shards.ShardSummary],
 
 @task(name="fit-family", task_run_name="fit {family} {part}", cache_policy=NO_CACHE)
 def fit_family(family: str, summaries: Sequence[shards.ShardSummary],
-               sample: scale_families.FitSample | None, part: str = "all"
+               sample: sampling.FitSample | None, part: str = "all"
                ) -> tuple[StepTimeModel | None, dict[str, Any]]:
     """(model, worker memory): ``family`` fit on everything (``part`` "all") or on the
     temporal train parts ("train"); PICF from statistics, any other family on
@@ -107,7 +124,7 @@ def fit_family(family: str, summaries: Sequence[shards.ShardSummary],
 
 @task(name="fit-fold", task_run_name="fit-fold {family} {held_config}", cache_policy=NO_CACHE)
 def fit_fold(family: str, summaries: Sequence[shards.ShardSummary],
-             sample: scale_families.FitSample | None, held_config: str
+             sample: sampling.FitSample | None, held_config: str
              ) -> tuple[StepTimeModel | None, dict[str, Any]]:
     """(model, worker memory): the leave-one-out fold of configuration ``held_config``'s
     experiments — ``family`` fit without that configuration (None: nothing left)."""
@@ -115,11 +132,11 @@ def fit_fold(family: str, summaries: Sequence[shards.ShardSummary],
 
 
 @task(name="score-shard", task_run_name="score {name}", cache_policy=NO_CACHE)
-def score_shard(models: dict[str, scale_families.ShardModels], item: shards.ShardSummary,
-                name: str) -> tuple[dict[str, scale_families.Scores], dict[str, Any]]:
+def score_shard(models: dict[str, sampling.ShardModels], item: shards.ShardSummary,
+                name: str) -> tuple[dict[str, sampling.Scores], dict[str, Any]]:
     """(family → in-sample / temporal / LOO scores, worker memory) of experiment ``name``
     on all its steps, from one read of its shard."""
-    scores = scale_families.score_shard(models, item)
+    scores = sampling.score_shard(models, item)
     logger = get_run_logger()
     for family, s in scores.items():
         loo = s["loo"]

@@ -83,11 +83,12 @@ def worker_env(prefect_api: str, env: dict[str, str]) -> Any:
 def workers(prefect_api: str, s3_server: Any, tmp_path_factory: pytest.TempPathFactory
             ) -> tuple[dict[str, str], Path]:
     """(worker environment, crash folder) shared by the tests below, so that they share
-    their Ray workers too: the session S3 server's settings and the crash-once hook."""
-    from tasks.ingest import CRASH_ONCE_ENV
-
+    their Ray workers too: the session S3 server's settings and the crash-once hook
+    (``tests/fault_injection/sitecustomize.py``, loaded by the workers at start-up)."""
     crash = tmp_path_factory.mktemp("crash-once")
-    return {**s3_server.env, CRASH_ONCE_ENV: str(crash)}, crash
+    hook = Path(__file__).resolve().parent / "fault_injection"
+    path = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**s3_server.env, "BLIS_TEST_CRASH_ONCE_DIR": str(crash), "PYTHONPATH": path}, crash
 
 
 def coefficients(url: str) -> dict[str, Any]:

@@ -24,8 +24,10 @@ def test_manifest_block_reports_reconstruction_agreement(tmp_path) -> None:
     write_experiment(str(tmp_path / "snap"), BASE)
     write_experiment(str(tmp_path / "nosnap"), dataclasses.replace(BASE, snapshots=False))
     items = [featurize.featurize(e) for e in featurize.load_experiments(str(tmp_path))]
-    block = request_level.release_block(
-        featurize.request_items(items), request_level.AlphaReport(None))
+    settings = request_level.RequestSettings()
+    reports = {d.experiment.name: request_level.data_report(d, settings)
+               for d in featurize.request_items(items)}
+    block = request_level.release_block(reports, request_level.AlphaReport(None), settings)
     json.dumps(block, allow_nan=False)
     snap = block["experiments"]["snap"]["reconstruction"]["agreement"]
     assert snap["snapshots"]["steps"] > 0

@@ -235,7 +235,7 @@ def test_publish_failure_mid_upload_leaves_nothing(
             monkeypatch.setattr(fs, "put_file", _fail_after_first(fs.put_file, calls))
             return fs, path
 
-        monkeypatch.setattr(storage, "filesystem", patched)
+        monkeypatch.setattr(storage.publish, "filesystem", patched)
     else:
         monkeypatch.setattr(shutil, "copy2", _fail_after_first(shutil.copy2, calls))
 
@@ -285,7 +285,7 @@ def test_publish_s3_hides_folder_until_commit(s3_server: S3Server, tmp_path: Pat
             mp.setattr(fs, "put_file", put_and_look)
             return fs, path
 
-        mp.setattr(storage, "filesystem", observing)
+        mp.setattr(storage.publish, "filesystem", observing)
         storage.publish_directory(str(release), dest, opts)
     assert seen == [(False, 1), (False, 2), (False, 3)]
     assert storage.is_committed(dest, opts)
@@ -312,7 +312,7 @@ def test_publish_s3_commit_is_exclusive(s3_server: S3Server, tmp_path: Path) -> 
             mp.setattr(fs, "put_file", put_then_other_commits)
             return fs, path
 
-        mp.setattr(storage, "filesystem", racing)
+        mp.setattr(storage.publish, "filesystem", racing)
         with pytest.raises(StorageError, match="published concurrently"):
             storage.publish_directory(str(release), f"s3://{bucket}/v1", s3_server.storage_options)
     body = client.get_object(Bucket=bucket, Key="v1/manifest.json")["Body"].read()

@@ -14,8 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from blis_model.calibration import evaluation
+import pandas as pd
+
+from blis_model.calibration.evaluation import leave_one_out_fold, temporal_holdout
 from blis_model.models.registry import FAMILIES
+
+Folds = Mapping[str, Mapping[str, dict[str, float] | None]]  # family → experiment → fold
 
 FAMILY_ORDER: tuple[str, ...] = ("picf", "overlap", "mole_rd", "hfd_tl", "bsr_ard", "rece",
                                  "hybrid")
@@ -97,13 +101,30 @@ def candidate_families() -> list[str]:
     return [f for f in FAMILY_ORDER if f in FAMILIES] + sorted(set(FAMILIES) - set(FAMILY_ORDER))
 
 
-def compare_families(frame: Any, families: Sequence[str] | None = None) -> Selection:
-    """Validate every family on ``frame`` (LOO + temporal, in-process) and choose.
+def validate(frame: pd.DataFrame, families: Sequence[str]
+             ) -> tuple[Folds, dict[str, dict[str, dict[str, float]]]]:
+    """(family → experiment → leave-one-out fold, family → temporal holdout), in
+    process. The flow runs each fold and holdout as its own task instead."""
+    names = sorted(frame["experiment"].unique())
+    folds = {f: ({n: leave_one_out_fold(frame, n, f) for n in names} if len(names) > 1
+                 else {}) for f in families}
+    return folds, {f: temporal_holdout(frame, f) for f in families}
 
-    The flow runs the same folds as parallel tasks and calls :func:`score`/:func:`choose`.
-    """
-    results = {f: (evaluation.leave_one_experiment_out(frame, f),
-                   evaluation.temporal_holdout(frame, f))
-               for f in (families or candidate_families())}
-    selection = choose([score(f, loo, temporal) for f, (loo, temporal) in results.items()])
+
+def completed(folds: Mapping[str, dict[str, float] | None]) -> dict[str, dict[str, float]]:
+    """The folds that could be fit (a configuration alone in the corpus has none)."""
+    return {name: folds[name] for name in sorted(folds) if folds[name] is not None}
+
+
+def choose_family(folds: Folds, temporal: Mapping[str, Any]) -> Selection:
+    """Score every validated family and pick the leave-one-experiment-out winner
+    (:func:`choose`), keeping each family's results for the report."""
+    scores = [score(f, completed(folds[f]), temporal[f]) for f in folds]
+    selection = choose(scores)
+    results = {f: (completed(folds[f]), temporal[f]) for f in folds}
     return Selection(selection.winner, selection.reason, selection.scores, results)
+
+
+def compare_families(frame: pd.DataFrame, families: Sequence[str] | None = None) -> Selection:
+    """Validate every family on ``frame`` (LOO + temporal, in-process) and choose."""
+    return choose_family(*validate(frame, families or candidate_families()))

@@ -19,7 +19,7 @@ the Go side can be checked term by term.
 
 Regenerate after any feature, aggregation or release-schema change::
 
-    python -m blis_model.golden deploy/goeval/testdata
+    python -m blis_model.releases.golden_vectors deploy/goeval/testdata
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ def build_golden(coefficients: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 cases.append(case)
     return {
         "schema": SCHEMA,
-        "generator": "python -m blis_model.golden deploy/goeval/testdata",
+        "generator": "python -m blis_model.releases.golden_vectors deploy/goeval/testdata",
         "tolerance": {"relative": 1e-9, "absolute_us": 1e-9},
         "request_fields": list(REQUEST_FIELDS),
         "releases": {f: f"{RELEASES_DIR}/{f}" for f in coefficients},

@@ -157,10 +157,30 @@ def _concat(tables: Sequence[pa.Table]) -> pa.Table:
     return pa.concat_tables(list(tables)) if len(tables) > 1 else tables[0]
 
 
-def fit_release_alphas(data: Sequence[RequestData], method: str = "median") -> AlphaReport:
+ALPHA_COLUMNS: tuple[str, ...] = ("prompt_tokens", "output_tokens", "pre_queue_us",
+                                  "post_finish_us")
+"""What an alpha fit reads of a request table (a few numbers per request)."""
+
+
+@dataclass(frozen=True)
+class AlphaSample:
+    """One experiment's alpha inputs: its name, configuration key and the
+    :data:`ALPHA_COLUMNS` of its request table (small enough to gather at any scale)."""
+
+    experiment: str
+    config_key: str
+    requests: pa.Table
+
+    @classmethod
+    def of(cls, data: RequestData) -> AlphaSample:
+        return cls(data.experiment.name, data.experiment.config_key,
+                   data.requests.select(list(ALPHA_COLUMNS)))
+
+
+def fit_release_alphas(samples: Sequence[AlphaSample], method: str = "median") -> AlphaReport:
     """Robust alpha fits pooled over every experiment and per configuration; BLIS defaults
     (``pooled`` None) when there are no request data or no request has both timestamps."""
-    data = [d for d in data if d.requests.num_rows]
+    data = [d for d in samples if d.requests.num_rows]
     if not data:
         return AlphaReport(None)
     try:
@@ -168,14 +188,13 @@ def fit_release_alphas(data: Sequence[RequestData], method: str = "median") -> A
     except CorpusError as exc:
         return AlphaReport(None, source=f"BLIS shipped defaults (iter29), NOT fit: {exc}")
     per_config: dict[str, AlphaFit] = {}
-    keys = sorted({d.experiment.config_key for d in data})
-    for key in keys:
-        part = [d.requests for d in data if d.experiment.config_key == key]
+    for key in sorted({d.config_key for d in data}):
+        part = [d.requests for d in data if d.config_key == key]
         try:
             per_config[key] = fit_alphas(_concat(part), method)
         except CorpusError:
             continue
-    errors = {d.experiment.name: alpha_errors(pooled, d.requests) for d in data}
+    errors = {d.experiment: alpha_errors(pooled, d.requests) for d in data}
     source = (f"fit on {pooled.n_pre_queue} requests' journey + API timestamps of {len(data)} "
               f"experiment(s) ({method} regression; per configuration in coefficients.json)")
     return AlphaReport(pooled, per_config, errors, source)
@@ -229,15 +248,15 @@ def request_evaluation(data: Sequence[RequestData], model: StepTimeModel, family
 # ---------------------------------------------------------------------------- stage
 
 
-def release_block(data: Sequence[RequestData], alphas: AlphaReport,
+def release_block(reports: Mapping[str, Mapping[str, Any]], alphas: AlphaReport,
                   settings: RequestSettings | None = None,
                   excluded: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The manifest's ``request_level`` section: alpha fits, per-experiment validation /
-    overload / reconstruction, experiments excluded from training and the settings."""
+    overload / reconstruction (``reports``: :func:`data_report` by experiment),
+    experiments excluded from training and the settings."""
     settings = settings or RequestSettings()
     return {"alphas": alphas.to_dict(),
-            "experiments": {d.experiment.name: data_report(d, settings)
-                            for d in sorted(data, key=lambda d: d.experiment.name)},
+            "experiments": {name: dict(reports[name]) for name in sorted(reports)},
             "excluded": dict(sorted((excluded or {}).items())),
             "settings": {"max_request_failure_rate": settings.max_request_failure_rate,
                          "exclude_overloaded": settings.exclude_overloaded,
@@ -270,10 +289,30 @@ def request_stage(data: Sequence[RequestData], model: StepTimeModel, family: str
     """Fit the alphas on ``data`` (the training experiments' request data) and evaluate
     ``model`` on them; ``reported`` (default ``data``) are listed in the manifest."""
     settings = settings or RequestSettings()
-    alphas = fit_release_alphas(data, settings.alpha_method)
+    alphas = fit_release_alphas([AlphaSample.of(d) for d in data], settings.alpha_method)
     reported = list(data if reported is None else reported)
     if not reported:
         return RequestStage(alphas, {}, None)
     evaluation = request_evaluation(data, model, family, alphas, settings.train_fraction)
+    reports = {d.experiment.name: data_report(d, settings) for d in reported}
     return RequestStage(alphas, {"request_level": evaluation} if evaluation else {},
-                        release_block(reported, alphas, settings, excluded))
+                        release_block(reports, alphas, settings, excluded))
+
+
+ALPHAS_ONLY = ("alphas fit on every request's journey + API timestamps; TTFT / ITL / E2E "
+               "accuracy (teacher-forced on every step) is not computed at scale")
+
+
+def alpha_stage(samples: Sequence[AlphaSample], reports: Mapping[str, Mapping[str, Any]],
+                settings: RequestSettings | None = None,
+                excluded: Mapping[str, str] | None = None) -> RequestStage:
+    """The request level from alpha inputs alone (the scale path: per-experiment samples
+    and :func:`data_report` dicts gathered from workers): the alphas and the manifest
+    section, which says that request-level accuracy was not computed."""
+    settings = settings or RequestSettings()
+    alphas = fit_release_alphas(samples, settings.alpha_method)
+    if not reports:
+        return RequestStage(alphas, {}, None)
+    block = release_block(reports, alphas, settings, excluded)
+    block["accuracy"] = ALPHAS_ONLY
+    return RequestStage(alphas, {}, block)

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blis_model.calibration import evaluation, featurize
+from blis_model.configuration.defaults import TRAIN_FRACTION
 from blis_model.configuration.experiment import Experiment
 from blis_model.errors import CorpusError
 from blis_model.features.physics import PHYSICS_FEATURES
@@ -44,11 +45,11 @@ from blis_model.metrics import summary
 from blis_model.models.base import design, priors
 from blis_model.models.picf import PICF
 from blis_model.models.solvers import RelativeGram, nonneg_ridge
+from blis_model.requests.stage import AlphaSample, RequestSettings, data_report
 from blis_model.storage import filesystem, join, redact, storage_errors, write_bytes_atomic
 
 SHARD_DIR = "shards"
-SUMMARY_FORMAT = 1
-TRAIN_FRACTION = 0.7  # temporal holdout: first 70% of each experiment's steps (as pipeline)
+SUMMARY_FORMAT = 2
 ID_COLUMNS = ("experiment", "config_key", "step_id", "duration_us")
 
 
@@ -100,6 +101,12 @@ class ShardSummary:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     from_cache: bool = False
+    requests: dict[str, Any] | None = None  # requests.stage.data_report; None: no journeys
+
+    @property
+    def alpha_url(self) -> str:
+        """The request table's alpha inputs (``requests.stage.ALPHA_COLUMNS``), Parquet."""
+        return self.shard_url.removesuffix(".parquet") + ".requests.parquet"
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": SUMMARY_FORMAT, "experiment": self.experiment,
@@ -107,7 +114,8 @@ class ShardSummary:
                 "rows": self.rows, "train_rows": self.train_rows,
                 "features": list(self.features), "stats": _gram_to_dict(self.stats),
                 "train_stats": _gram_to_dict(self.train_stats), "report": self.report,
-                "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb}
+                "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
+                "requests": self.requests}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], shard_url: str) -> ShardSummary:
@@ -116,7 +124,8 @@ class ShardSummary:
         return cls(d["experiment"], d["config_key"], shard_url, int(d["rows"]),
                    int(d["train_rows"]), tuple(d["features"]), _gram_from_dict(d["stats"]),
                    _gram_from_dict(d["train_stats"]), dict(d["report"]),
-                   float(d["seconds"]), float(d["peak_rss_mb"]), from_cache=True)
+                   float(d["seconds"]), float(d["peak_rss_mb"]), from_cache=True,
+                   requests=d.get("requests"))
 
 
 def summary_url(shard_url: str) -> str:
@@ -159,12 +168,20 @@ def featurize_to_shard(experiment: Experiment, shard_url: str, options: dict | N
                    compression="zstd")
     write_bytes_atomic(shard_url, buf.getvalue(), store_options)
     del buf
+    request_report = None
+    if item.requests is not None:
+        request_report = data_report(item.requests, settings or RequestSettings())
+        alphas = io.BytesIO()
+        pq.write_table(AlphaSample.of(item.requests).requests, alphas, compression="zstd")
+        write_bytes_atomic(shard_url.removesuffix(".parquet") + ".requests.parquet",
+                           alphas.getvalue(), store_options)
     result = ShardSummary(
         experiment=experiment.name, config_key=experiment.config_key, shard_url=shard_url,
         rows=len(frame), train_rows=k, features=features,
         stats=frame_stats(frame, features), train_stats=frame_stats(frame.iloc[:k], features),
         report=item.report.to_dict(max_problems=20),
-        seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
+        seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb(),
+        requests=request_report)
     write_bytes_atomic(summary_url(shard_url), json.dumps(result.to_dict()).encode(),
                        store_options)
     return result
@@ -181,6 +198,16 @@ def load_summary(shard_url: str, options: dict | None = None) -> ShardSummary | 
         return ShardSummary.from_dict(json.loads(raw), shard_url)
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
+
+
+def alpha_sample(summary: ShardSummary, options: dict | None = None) -> AlphaSample | None:
+    """The experiment's alpha inputs written next to its shard (None without journeys)."""
+    if summary.requests is None:
+        return None
+    fs, path = filesystem(summary.alpha_url, options)
+    with storage_errors(summary.alpha_url, options), fs.open(path, "rb") as fh:
+        table = pq.read_table(fh)
+    return AlphaSample(summary.experiment, summary.config_key, table)
 
 
 def read_shard(shard_url: str, columns: Sequence[str] | None = None,

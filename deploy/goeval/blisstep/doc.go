@@ -6,5 +6,5 @@
 // its configuration key, else the global ones or RECE's embedding blend); StepTime,
 // Quantile, StepTimeStd and Alpha0..Alpha2 answer BLIS's questions in µs. Features,
 // aggregation and routing mirror the Python library to 1e-9 relative (golden vectors
-// in testdata/, written by `python -m blis_model.golden deploy/goeval/testdata`).
+// in testdata/, written by `python -m blis_model.releases.golden_vectors deploy/goeval/testdata`).
 package blisstep

@@ -47,7 +47,7 @@ func loadGolden(t testing.TB) *goldenFile {
 	t.Helper()
 	raw, err := os.ReadFile(filepath.Join(goldenDir, "golden_v1.json"))
 	if err != nil {
-		t.Fatalf("golden vectors: %v (run python -m blis_model.golden deploy/goeval/testdata)", err)
+		t.Fatalf("golden vectors: %v (run python -m blis_model.releases.golden_vectors deploy/goeval/testdata)", err)
 	}
 	var g goldenFile
 	if err := json.Unmarshal(raw, &g); err != nil {
