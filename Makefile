@@ -55,3 +55,9 @@ go-toolchain:
 	@command -v go >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go; \
 	else echo "go is missing: apt-get install golang-go (Go evaluator tests will skip)"; fi; }
+
+# The fast subset: every test that needs no service (no S3 server, Prefect or Ray; a test
+# using one is marked `services` by tests/conftest.py), in a few minutes.
+.PHONY: test-fast
+test-fast: setup
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not services" tests

@@ -40,7 +40,7 @@ from rich.table import Table
 from blis_model.calibration import featurize as featurization
 from blis_model.calibration import recipe
 from blis_model.calibration.gate import load_gate
-from blis_model.configuration.defaults import GATE_TOLERANCE_PP
+from blis_model.configuration.defaults import GATE_TOLERANCE_PP, MAX_REQUEST_FAILURE_RATE
 from blis_model.configuration.experiment import Experiment
 from blis_model.errors import BlisModelError, CorpusError, ReleaseError
 from blis_model.metrics import per_experiment
@@ -255,7 +255,8 @@ def fit(corpus: CorpusArg, store: StoreOpt, family: FamilyOpt = AUTO_FAMILY,
         base: Annotated[str | None, typer.Option(
             "--base", help="Release to calibrate on the corpus instead of fitting afresh.")]
         = None,
-        default_hardware: HardwareOpt = None, max_request_failure_rate: FailureRateOpt = 0.05,
+        default_hardware: HardwareOpt = None,
+        max_request_failure_rate: FailureRateOpt = MAX_REQUEST_FAILURE_RATE,
         exclude_overloaded: OverloadOpt = False) -> None:
     """Fit a model on CORPUS, publish a release to STORE, print the release URL (last line).
     With journey/API traces, the alphas are fit too and request-level accuracy reported."""
@@ -344,21 +345,52 @@ def calibrate(corpus: CorpusArg, store: StoreOpt, family: FamilyOpt = AUTO_FAMIL
               default_hardware: HardwareOpt = None,
               base: Annotated[str | None, typer.Option(
                   "--base", help="Release to calibrate on the corpus instead of fitting afresh.")]
-              = None, max_request_failure_rate: FailureRateOpt = 0.05,
-              exclude_overloaded: OverloadOpt = False) -> None:
-    """Run the Prefect calibration flow (Ray fan-out); print the release URL (last line)."""
-    with _user_errors(), _stdout_to_stderr():
+              = None, max_request_failure_rate: FailureRateOpt = MAX_REQUEST_FAILURE_RATE,
+              exclude_overloaded: OverloadOpt = False,
+              verbose: Annotated[bool, typer.Option(
+                  "--verbose", "-v", help="Print every Prefect and Ray log line (they are "
+                                          "always in the Prefect UI).")] = False) -> None:
+    """Run the Prefect calibration flow (Ray fan-out); print the release URL (last line).
+    Shows progress, the decisions and the accuracy tables; --verbose adds every log."""
+    with _user_errors(), _stdout_to_stderr(), _progress_lines(verbose):
         calibrate_flow = orchestration_runner("calibrate")
         extra: dict[str, Any] = {"base": base} if base else {}
-        if max_request_failure_rate != 0.05 or exclude_overloaded:
+        if max_request_failure_rate != MAX_REQUEST_FAILURE_RATE or exclude_overloaded:
             extra.update(max_request_failure_rate=max_request_failure_rate,
                          exclude_overloaded=exclude_overloaded)
         url = calibrate_flow(corpus=corpus, store=store, family=family, ray_address=ray_address,
                              default_hardware=default_hardware, **extra)
         manifest = read_manifest(str(url), storage_options_for(str(url)))
-        err.print(_accuracy_table(manifest, f"release {manifest['version']} ({family})"))
+        err.print(_accuracy_table(manifest, f"release {manifest['version']} "
+                                            f"({manifest['family']})"))
         _print_request_level(manifest)
     typer.echo(str(url))
+
+
+QUIET_ENV = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING", "BLIS_QUIET_WORKERS": "1"}
+"""Without --verbose: Prefect's console shows warnings only (its API — the UI — still
+gets every line) and Ray workers' logs stay off the terminal."""
+
+
+@contextlib.contextmanager
+def _progress_lines(verbose: bool) -> Iterator[None]:
+    """Print the progress logger's lines on stderr; unless ``verbose``, quiet Prefect's
+    console and Ray's workers (set before the orchestration layer is imported)."""
+    if verbose:
+        yield
+        return
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(recipe.PROGRESS_LOGGER)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]

@@ -10,6 +10,8 @@ set up (see ``flows.runtime``).
 
 from __future__ import annotations
 
+import logging
+
 from prefect import flow, unmapped
 from prefect.context import get_run_context
 
@@ -17,6 +19,7 @@ from blis_model.calibration import recipe
 from blis_model.configuration.defaults import MAX_REQUEST_FAILURE_RATE
 from blis_model.models.registry import AUTO_FAMILY
 from blis_model.requests.stage import RequestSettings
+from blis_model.storage import redact
 from flows.runtime import (
     quiet_domain_tracebacks,
     ray_task_runner,
@@ -35,6 +38,8 @@ from tasks.evaluate import (
 from tasks.fit import fit_global, fit_specialist, merge_specialists
 from tasks.ingest import discover, featurize, plan, preflight, select_training
 from tasks.release import publish_release
+
+progress = logging.getLogger(recipe.PROGRESS_LOGGER)
 
 
 @flow(name="calibrate-corpus")
@@ -57,8 +62,13 @@ def calibrate_corpus(corpus: str, store: str, family: str = AUTO_FAMILY,
     p = plan(corpus, store, family, base, default_hardware, settings)
 
     # Featurize each experiment on its own worker.
-    featurized = featurize.map(unmapped(p), discover(p))
+    names = discover(p)
+    progress.info("%d experiment(s) under %s: featurizing on Ray", len(names), redact(corpus))
+    featurized = featurize.map(unmapped(p), names)
     training = select_training(p, [f.result() for f in featurized])  # the first error raises
+    progress.info("%d steps of %d experiment(s) in %d configuration(s); validating %s",
+                  len(training.frame), len(training.names), len(training.configs),
+                  ", ".join(p.families))
 
     # Validate: every family × leave-one-out fold and every temporal holdout in parallel;
     # with family "auto" the leave-one-out winner becomes the release's family.
@@ -71,6 +81,7 @@ def calibrate_corpus(corpus: str, store: str, family: str = AUTO_FAMILY,
     if family == AUTO_FAMILY:
         selection = choose_family(folds, temporal)
         family = selection.winner
+        progress.info("family %s", selection.reason)
 
     # Fit: the global model, then each configuration's specialist in parallel.
     model = fit_global(p, frame, family)
@@ -86,6 +97,8 @@ def calibrate_corpus(corpus: str, store: str, family: str = AUTO_FAMILY,
     url = publish_release(p, model, family, frame, training.experiments, training.reports,
                           evaluation.result(), stage.result(), learning.result())
     publish_artifacts(url)
+    progress.info("published %s (model card, metrics and plots are artifacts of this run)",
+                  redact(url))
     return url
 
 

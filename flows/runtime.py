@@ -42,6 +42,9 @@ LOCAL_RAY_ENV: dict[str, str] = {"RAY_AUTH_MODE": "disabled",
 #: Environment of the temporary Prefect server this process may start: no usage
 #: telemetry (offline machines log an ERROR for every failed attempt).
 PREFECT_SERVER_ENV: dict[str, str] = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+#: Set (by the CLI without --verbose): workers' log lines stay off the driver's terminal
+#: and Ray itself logs warnings only; every line still reaches the Prefect API (the UI).
+QUIET_WORKERS_ENV = "BLIS_QUIET_WORKERS"
 #: Driver environment for any Ray: print every worker's log line (Ray's default folds
 #: similar lines of different tasks into "[repeated 3x across cluster]").
 DRIVER_ENV: dict[str, str] = {"RAY_DEDUP_LOGS": "0"}
@@ -95,6 +98,8 @@ def ray_init_kwargs(api_url: str | None, address: str | None = None,
     if api_url:
         env["PREFECT_API_URL"] = api_url
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}}
+    if os.environ.get(QUIET_WORKERS_ENV):  # the CLI without --verbose
+        kwargs.update(log_to_driver=False, logging_level=logging.WARNING)
     if address is None:
         # "local": a Ray of our own, even when another one runs on this machine (without
         # it ray.init joins the last cluster started here, e.g. someone else's).

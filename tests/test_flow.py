@@ -14,11 +14,9 @@ import pytest
 import yaml
 from flow_services import task_runs_of_last
 
-from blis_model.calibration import evaluation as evaluations
-from blis_model.calibration import featurize as featurization
-from blis_model.calibration.selection import candidate_families, compare_families
+from blis_model.calibration import recipe
+from blis_model.calibration.selection import candidate_families
 from blis_model.errors import ConfigError
-from blis_model.releases.build import build_release
 from blis_model.releases.files import COEFFICIENTS, DEFAULTS
 from blis_model.releases.read import read_manifest
 from blis_model.releases.store import list_releases
@@ -49,20 +47,12 @@ def assert_close(got: Any, want: Any, where: str = "") -> None:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
 
-def in_process_release(corpus: str) -> dict[str, bytes]:
-    """The same release built without Prefect or Ray (what ``blis-model fit`` does): the
-    family is chosen by leave-one-experiment-out among all families."""
-    experiments = featurization.load_experiments(corpus)
-    items = [featurization.featurize(e) for e in experiments]
-    frame = featurization.training_frame(items)
-    selection = compare_families(frame)
-    family = selection.winner
-    model = evaluations.fit_model(frame, family)
-    loo, temporal = selection.results[family]
-    evaluation = evaluations.evaluate(frame, model, family, loo=loo, temporal=temporal)
-    evaluation["family_selection"] = selection.to_dict()
-    return build_release(model, frame, experiments, [i.report for i in items], corpus,
-                         evaluation, family)
+def in_process_release(corpus: str, store: Path) -> dict[str, bytes]:
+    """The same release built by the library's recipe in this process, without Prefect or
+    Ray (what ``blis-model fit`` does): the family chosen by leave-one-experiment-out."""
+    url = Path(recipe.calibrate(corpus, str(store), cache=False))
+    return {name: (url / name).read_bytes() for name in (COEFFICIENTS, DEFAULTS,
+                                                         "manifest.json")}
 
 
 def test_flow_publishes_the_release_the_library_builds(local_ray, tmp_path):
@@ -80,7 +70,7 @@ def test_flow_publishes_the_release_the_library_builds(local_ray, tmp_path):
     assert sorted(metrics["temporal_holdout"]) == EXPERIMENTS
     assert metrics["summary"]["loo_mape"] < 20.0
 
-    want = in_process_release(str(CORPUS))
+    want = in_process_release(str(CORPUS), tmp_path / "in-process")
     got_coef = json.loads((Path(url) / COEFFICIENTS).read_text())
     want_coef = json.loads(want[COEFFICIENTS])
     assert_close(got_coef["model"], want_coef["model"], "model")
@@ -89,15 +79,17 @@ def test_flow_publishes_the_release_the_library_builds(local_ray, tmp_path):
     want_blis = yaml.safe_load(want[DEFAULTS])["trained_physics_coefficients"]
     assert_close(got_blis, want_blis, "trained_physics_coefficients")
     want_manifest = json.loads(want["manifest.json"])
-    for key in ("corpus", "metrics", "experiments", "ingest", "feature_schema"):
+    for key in ("corpus", "metrics", "experiments", "ingest", "feature_schema", "plots"):
         assert_close(manifest[key], want_manifest[key], key)
 
-    # Fanned out: one task per experiment, per configuration and per leave-one-out fold.
+    # Fanned out: one task per experiment, per configuration, per family's temporal
+    # holdout and per family's leave-one-out fold.
     runs = task_runs_of_last("calibrate-corpus")
     assert all(r.state.is_completed() for r in runs)
     kinds = Counter(r.name.split(" ")[0] for r in runs if " " in r.name)
     families = len(candidate_families())
-    assert kinds == {"featurize": 4, "fit-specialist": 4, "loo-fold": 4 * families}
+    assert kinds == {"featurize": 4, "fit-specialist": 4, "loo-fold": 4 * families,
+                     "temporal-holdout": families}
     selection = metrics["family_selection"]
     assert selection["winner"] == manifest["family"]
     assert len(selection["scores"]) == families

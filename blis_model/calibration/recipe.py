@@ -54,6 +54,10 @@ from blis_model.storage import check_reachable, redact, storage_options_for
 
 log = logging.getLogger(__name__)
 
+PROGRESS_LOGGER = "blis_model.progress"
+"""Logger of a run's milestones and decisions (the flows log them here, the CLI prints
+them): what a user watches, without every task's log line."""
+
 Progress = Callable[[str], None]
 """Called with a short description as each step starts (a CLI status line, a log)."""
 
@@ -273,6 +277,7 @@ def calibrate(corpus: str, store: str, *, family: str = AUTO_FAMILY, base: str |
                    evaluation, stage, learning)
 
 
-__all__ = ["Folds", "Plan", "Progress", "Training", "calibrate", "choose_family", "completed",
-           "curve", "discover", "featurize_experiment", "fit", "has_specialists", "plan",
-           "release", "report", "request_level", "select_training", "validate", "warn_ingest"]
+__all__ = ["PROGRESS_LOGGER", "Folds", "Plan", "Progress", "Training", "calibrate",
+           "choose_family", "completed", "curve", "discover", "featurize_experiment", "fit",
+           "has_specialists", "plan", "release", "report", "request_level", "select_training",
+           "validate", "warn_ingest"]

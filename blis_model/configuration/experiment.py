@@ -54,10 +54,11 @@ class ServerConfig:
     def config_key(self, arch: ModelArch) -> str:
         """Identity of the configuration (model, GPU, TP, quantization, scheduler knobs):
         two experiments with the same key share calibrated terms, whatever their folders.
-        Model ids are lower-cased; ``hardware`` is canonical once loaded
-        (:func:`load_experiment` resolves aliases and case: ``h100`` → ``H100``)."""
+        The model id is lower-cased and the GPU is its canonical catalog name (``h100``
+        and ``H100-SXM`` are ``H100``), so spelling never splits a configuration."""
         quant = arch.quantization or "bf16"
-        return (f"{self.model.lower()}|{self.hardware}|tp{self.tensor_parallelism}|{quant}"
+        gpu = hardware_spec(self.hardware).name
+        return (f"{self.model.lower()}|{gpu}|tp{self.tensor_parallelism}|{quant}"
                 f"|mnbt{self.max_num_batched_tokens}|mns{self.max_num_seqs}")
 
 

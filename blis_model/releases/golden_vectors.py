@@ -24,6 +24,7 @@ Regenerate after any feature, aggregation or release-schema change::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -43,17 +44,20 @@ from blis_model.features.registry import REGISTRY
 from blis_model.ingest.otlp import STEP_SCOPE, Event
 from blis_model.ingest.steps import COMPOSITION_COLUMNS, StepTableBuilder
 from blis_model.models.base import StepTimeModel
+from blis_model.models.registry import FAMILIES as REGISTERED_FAMILIES
 from blis_model.models.registry import make_model, model_from_dict
 from blis_model.models.synthetic import synthetic_frame
 from blis_model.releases.build import blis_model_config_name, dumps_json
-from blis_model.releases.files import COEFFICIENTS, HARDWARE_CONFIG, MODEL_CONFIGS
+from blis_model.releases.files import COEFFICIENTS, HARDWARE_CONFIG, MANIFEST, MODEL_CONFIGS
+from blis_model.releases.files import SCHEMA as RELEASE_SCHEMA
 from blis_model.releases.projection import project_onto_blis
 
 SCHEMA = "blis-goeval-golden/1"
 GOLDEN_FILE = "golden_v1.json"
 RELEASES_DIR = "releases"
-#: Families in the order the Go evaluator supports them.
-FAMILIES: tuple[str, ...] = ("picf", "overlap", "hfd_tl", "mole_rd", "bsr_ard", "hybrid", "rece")
+FAMILIES: tuple[str, ...] = tuple(REGISTERED_FAMILIES)
+"""Every registered family: a family ``--family auto`` can release is one the Go
+evaluator must load (its golden test fails on a family it does not support)."""
 FAMILY_PARAMS: dict[str, dict[str, Any]] = {"hybrid": {"quantiles": (0.5, 0.9, 0.99)}}
 TRAIN_STEPS = 1500  # synthetic steps the golden releases are fit on
 TRAIN_SEED = 0
@@ -245,7 +249,8 @@ def fit_releases(families: Sequence[str] = FAMILIES) -> dict[str, dict[str, Any]
 
 def release_files(coefficients: dict[str, Any]) -> dict[str, bytes]:
     """A release folder's BLIS-facing files (relative path → bytes) for the golden
-    deployments, in ``release.build_release``'s formats."""
+    deployments, in ``releases.build``'s formats, with the manifest's version and
+    checksums (the Go evaluator, like Python, loads nothing else)."""
     files = {COEFFICIENTS: dumps_json(coefficients)}
     gpus = {}
     for dep in DEPLOYMENTS:
@@ -254,6 +259,10 @@ def release_files(coefficients: dict[str, Any]) -> dict[str, bytes]:
         name = blis_model_config_name(dep.model)
         files[f"{MODEL_CONFIGS}/{name}/config.json"] = dumps_json(bundled_model_config(dep.model))
     files[HARDWARE_CONFIG] = dumps_json(dict(sorted(gpus.items())))
+    files[MANIFEST] = dumps_json({
+        "schema": RELEASE_SCHEMA, "version": coefficients["version"],
+        "family": coefficients["family"],
+        "files": {p: hashlib.sha256(b).hexdigest() for p, b in sorted(files.items())}})
     return files
 
 

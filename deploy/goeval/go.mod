@@ -1,3 +1,3 @@
-module blismodel/goeval
+module github.com/inference-sim/blis-model/deploy/goeval
 
 go 1.19

@@ -84,9 +84,68 @@ func TestDeploymentErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if e.ConfigKey != "org/custom-8b|h100-sxm|tp1|bf16|mnbt8192|mns256" || e.Calibrated ||
+	if e.ConfigKey != "org/custom-8b|H100|tp1|bf16|mnbt8192|mns256" || e.Calibrated ||
 		e.Hardware.Name != "H100" {
 		t.Errorf("config key %q calibrated %v GPU %s", e.ConfigKey, e.Calibrated, e.Hardware.Name)
+	}
+	// the calibrated configuration, however its GPU is spelled, keeps its own terms
+	for _, spelling := range []string{"H100", "h100", "H100-SXM", " h100-sxm5 "} {
+		same := d
+		same.Hardware = spelling
+		e, err := rel.NewEvaluator(same)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !e.Calibrated || e.ConfigKey != g.ConfigKeys["llama8b-h100-tp1"] {
+			t.Errorf("hardware %q: config key %q calibrated %v", spelling, e.ConfigKey, e.Calibrated)
+		}
+	}
+}
+
+func TestLoadReleaseNeedsItsManifestAndChecksums(t *testing.T) {
+	g := loadGolden(t)
+	src := filepath.Join(goldenDir, g.Releases["picf"])
+	copyRelease := func(t *testing.T) string {
+		dir := t.TempDir()
+		err := filepath.Walk(src, func(path string, info os.FileInfo, err error) error {
+			if err != nil || info.IsDir() {
+				return err
+			}
+			rel, _ := filepath.Rel(src, path)
+			raw, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			if err := os.MkdirAll(filepath.Dir(filepath.Join(dir, rel)), 0o755); err != nil {
+				return err
+			}
+			return os.WriteFile(filepath.Join(dir, rel), raw, 0o644)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return dir
+	}
+	if _, err := LoadRelease(copyRelease(t)); err != nil {
+		t.Fatalf("an intact release: %v", err)
+	}
+	unfinished := copyRelease(t)
+	os.Remove(filepath.Join(unfinished, "manifest.json"))
+	if _, err := LoadRelease(unfinished); err == nil || !strings.Contains(err.Error(), "manifest.json") {
+		t.Errorf("a folder without manifest.json must not load: %v", err)
+	}
+	tampered := copyRelease(t)
+	path := filepath.Join(tampered, "coefficients.json")
+	raw, _ := os.ReadFile(path)
+	os.WriteFile(path, append(raw, ' '), 0o644)
+	if _, err := LoadRelease(tampered); err == nil || !strings.Contains(err.Error(), "checksum") {
+		t.Errorf("a coefficients.json that does not match its checksum must not load: %v", err)
+	}
+	config := copyRelease(t)
+	path = filepath.Join(config, "model_configs", "llama-3.1-8b", "config.json")
+	os.WriteFile(path, []byte(`{}`), 0o644)
+	if _, err := LoadRelease(config); err == nil || !strings.Contains(err.Error(), "checksum") {
+		t.Errorf("a changed model config must not load: %v", err)
 	}
 }
 

@@ -3,7 +3,7 @@ package blisstep_test
 import (
 	"fmt"
 
-	"blismodel/goeval/blisstep"
+	"github.com/inference-sim/blis-model/deploy/goeval/blisstep"
 )
 
 func Example() {

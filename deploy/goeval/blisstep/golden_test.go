@@ -229,3 +229,19 @@ func TestGoldenCases(t *testing.T) {
 		}
 	}
 }
+
+// TestEveryPythonFamilyIsSupported: the golden file holds one release per family of the
+// Python registry (any of them can win --family auto), so each must be evaluable here.
+func TestEveryPythonFamilyIsSupported(t *testing.T) {
+	g := loadGolden(t)
+	supported := map[string]bool{}
+	for _, f := range Families {
+		supported[f] = true
+	}
+	for fam := range g.Releases {
+		if !supported[fam] {
+			t.Errorf("family %q of the Python registry is not supported by the Go evaluator "+
+				"(supported: %v): BLIS could not load a release of it", fam, Families)
+		}
+	}
+}

@@ -1,10 +1,13 @@
 package blisstep
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 )
 
@@ -31,8 +34,42 @@ type coefficientsFile struct {
 	} `json:"blis_projection"`
 }
 
-// LoadRelease reads the release in dir (coefficients.json at its root).
+// manifestFile is the part of manifest.json the evaluator checks: the release version
+// and the SHA-256 of every other file of the release.
+type manifestFile struct {
+	Version string            `json:"version"`
+	Files   map[string]string `json:"files"`
+}
+
+// LoadRelease reads the release in dir, as the Python library does: manifest.json must
+// be there (a folder without it is an unfinished publish, not a release) and every file
+// it lists must match its SHA-256 — coefficients.json and model_configs/ included.
 func LoadRelease(dir string) (*Release, error) {
+	rawManifest, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
+	if err != nil {
+		return nil, fmt.Errorf("release %s: no manifest.json (missing, or an unfinished "+
+			"publish): %w", dir, err)
+	}
+	var manifest manifestFile
+	if err := json.Unmarshal(rawManifest, &manifest); err != nil {
+		return nil, fmt.Errorf("release %s: manifest.json: %w", dir, err)
+	}
+	if manifest.Version == "" || len(manifest.Files) == 0 {
+		return nil, fmt.Errorf("release %s: manifest.json has no version or file checksums", dir)
+	}
+	if _, listed := manifest.Files["coefficients.json"]; !listed {
+		return nil, fmt.Errorf("release %s: manifest.json does not list coefficients.json", dir)
+	}
+	names := make([]string, 0, len(manifest.Files))
+	for name := range manifest.Files {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		if err := checkFile(dir, name, manifest.Files[name]); err != nil {
+			return nil, fmt.Errorf("release %s: %w", dir, err)
+		}
+	}
 	raw, err := os.ReadFile(filepath.Join(dir, "coefficients.json"))
 	if err != nil {
 		return nil, fmt.Errorf("release %s: %w", dir, err)
@@ -41,12 +78,33 @@ func LoadRelease(dir string) (*Release, error) {
 	if err != nil {
 		return nil, fmt.Errorf("release %s: %w", dir, err)
 	}
+	if rel.Version != manifest.Version {
+		return nil, fmt.Errorf("release %s: coefficients.json is version %s, manifest.json %s",
+			dir, rel.Version, manifest.Version)
+	}
 	rel.Dir = dir
 	return rel, nil
 }
 
+// checkFile verifies one release file against its SHA-256 from the manifest.
+func checkFile(dir, name, want string) error {
+	if strings.Contains(name, "..") || filepath.IsAbs(name) {
+		return fmt.Errorf("manifest.json lists an invalid file name %q", name)
+	}
+	raw, err := os.ReadFile(filepath.Join(dir, filepath.FromSlash(name)))
+	if err != nil {
+		return err
+	}
+	sum := sha256.Sum256(raw)
+	if got := hex.EncodeToString(sum[:]); got != want {
+		return fmt.Errorf("%s does not match its checksum in manifest.json", name)
+	}
+	return nil
+}
+
 // ParseCoefficients reads a release from the bytes of its coefficients.json (model
-// configs must then be given to NewEvaluator through Deployment.ModelConfig).
+// configs must then be given to NewEvaluator through Deployment.ModelConfig). Nothing
+// is checked against a manifest: prefer LoadRelease for a release folder.
 func ParseCoefficients(raw []byte) (*Release, error) {
 	var doc coefficientsFile
 	if err := json.Unmarshal(raw, &doc); err != nil {
@@ -95,6 +153,8 @@ func ModelConfigName(modelID string) string {
 
 // ConfigKey identifies a configuration exactly as blis_model's ServerConfig.config_key:
 // model lower-cased | hardware | tpN | quantization (bf16 if none) | mnbtN | mnsN.
+// Hardware must be the canonical catalog name (NewEvaluator resolves aliases and case:
+// "h100" and "H100-SXM" are "H100"), as the Python library records it.
 func ConfigKey(d Deployment, a Arch) string {
 	quant := a.Quantization
 	if quant == "" {
@@ -142,6 +202,8 @@ func (r *Release) NewEvaluator(d Deployment) (*Evaluator, error) {
 		hw = *d.HardwareSpec
 	} else if hw, err = LookupHardware(d.Hardware); err != nil {
 		return nil, err
+	} else {
+		d.Hardware = hw.Name // canonical, so configuration keys match the release's
 	}
 	if err := hw.validate(); err != nil {
 		return nil, err
