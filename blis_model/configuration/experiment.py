@@ -1,7 +1,8 @@
 """Experiments: one vLLM server configuration serving one workload, and how to find them.
 
 An experiment is any folder under a corpus URL that holds an ``exp-config.yaml``; it
-may hold ``config.json`` (the model's HF config) and ``traces.json[.gz]``.
+may hold ``config.json`` (the model's HF config), ``traces.json[.gz]`` and/or client request
+measurements (``Experiment.kinds``; :mod:`blis_model.ingest.measurements` reads them).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from blis_model.configuration.architecture import (
 )
 from blis_model.configuration.defaults import DEFAULT_BLOCK_SIZE
 from blis_model.configuration.hardware import HardwareSpec, hardware_spec
+from blis_model.configuration.kinds import TRACES, folder_kinds
 from blis_model.errors import ConfigError, CorpusError
 from blis_model.storage import filesystem, join
 
@@ -43,6 +45,7 @@ class ServerConfig:
     vllm_version: str | None = None
     block_size: int = DEFAULT_BLOCK_SIZE  # KV block size, tokens
     data_parallelism: int = 1
+    num_gpu_blocks: int | None = None  # KV blocks the server reported (optional)
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallelism", "max_num_batched_tokens", "max_num_seqs", "block_size",
@@ -73,6 +76,7 @@ class Experiment:
     hardware: HardwareSpec
     trace_url: str | None
     trace_identity: dict[str, Any] = field(default_factory=dict)  # size/etag/mtime
+    kinds: frozenset[str] = frozenset()  # "traces" and/or "measurements" (ingest.kinds)
 
     @property
     def config_key(self) -> str:
@@ -132,6 +136,7 @@ def parse_server_config(data: dict[str, Any], *, experiment: str = "", file: str
             vllm_version=str(data["vllm_version"]) if data.get("vllm_version") else None,
             block_size=int(data.get("block_size") or DEFAULT_BLOCK_SIZE),
             data_parallelism=int(data.get("data_parallelism") or 1),
+            num_gpu_blocks=int(data["num_gpu_blocks"]) if data.get("num_gpu_blocks") else None,
         )
     except ConfigError as exc:
         if exc.experiment:
@@ -187,8 +192,9 @@ def load_experiment(corpus_url: str, name: str, options: dict | None = None,
             identity = {k: str(info.get(k)) for k in ("size", "ETag", "etag", "mtime",
                                                          "LastModified") if info.get(k)}
             break
+    kinds = folder_kinds(fs, path) | ({TRACES} if trace_url else set())
     return Experiment(name=name, url=url, server=server, arch=arch, hardware=hardware,
-                      trace_url=trace_url, trace_identity=identity)
+                      trace_url=trace_url, trace_identity=identity, kinds=frozenset(kinds))
 
 
 def corpus_fingerprint(experiments: Sequence[Experiment]) -> str:
