@@ -106,7 +106,7 @@ def measure(name: str, workload: Workload, limits: ServerLimits, reps: int,
         start = time.perf_counter()
         result = replay(workload, limits, step_us)
         seconds.append(time.perf_counter() - start)
-        engine.append(result.stats.seconds)
+        engine.append(result.stats.scheduler_seconds)
     status = result.requests.column("status").to_numpy(zero_copy_only=False)
     wall = statistics.median(seconds)
     return {"workload": name, "requests": len(workload), "steps": result.stats.steps,

@@ -14,7 +14,7 @@ import yaml
 from blis_model.dataset import feature_frame
 from blis_model.errors import ConfigError
 from blis_model.experiment import load_experiment
-from blis_model.ingest.steps import COMPOSITION_COLUMNS, STEP_SCHEMA
+from blis_model.ingest.steps import COMPOSITION_COLUMNS, STEP_SCHEMA, SUMMARY_FIELDS
 from blis_model.requests.detail import member_aggregates, stay_table, step_members
 from blis_model.requests.kv import KVPool
 from blis_model.requests.replay import (
@@ -192,6 +192,12 @@ def test_step_time_sees_the_step_table_columns() -> None:
         for name in AGGREGATES:
             assert agg[name] == pytest.approx(row[name]), name
     assert col(result.steps, "duration_us") == [2000.0] * len(table)
+
+
+def test_aggregates_are_the_step_tables_columns() -> None:
+    table = set(COMPOSITION_COLUMNS) | set(SUMMARY_FIELDS.values())
+    assert set(AGGREGATES) == table - {"step_id", "ts_start_ns", "duration_us"}
+    assert set(StepAggregates.__slots__) == {"step_id", *AGGREGATES}
 
 
 def test_pre_queue_time_delays_queue_entry() -> None:

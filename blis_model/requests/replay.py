@@ -11,6 +11,7 @@ Units: µs for times (the workload's clock), tokens for lengths.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,10 +45,12 @@ aborted | rejected | unfinished (``max_steps`` reached); ``reason`` for the last
 
 @dataclass(frozen=True)
 class ReplayStats:
-    """How long the replay took: executed steps, wall seconds, steps per second."""
+    """How long the replay took: executed steps, wall seconds of the whole ``replay``
+    call (scheduler + output tables) and of the scheduler loop alone."""
 
     steps: int
     seconds: float
+    scheduler_seconds: float
 
     @property
     def steps_per_second(self) -> float:
@@ -77,12 +80,13 @@ def replay(workload: Workload, limits: ServerLimits, step_time: StepTime, *,
     ``step_gap_us``. Requests enter the queue at ``arrival_us + pre_queue_us``.
     ``max_steps`` caps the run (requests left are "unfinished"); ``detail`` keeps the
     per-request log; ``experiment`` fills the step table's ``experiment`` column."""
+    start = time.perf_counter()
     run = Engine(workload, limits, step_time, step_gap_us=step_gap_us, max_steps=max_steps,
                  detail=detail).run()
-    return ReplayResult(steps=_steps_table(run.steps, experiment),
-                        requests=_requests_table(run.requests, workload),
-                        stats=ReplayStats(len(run.steps["step_id"]), run.seconds),
-                        log=run.log)
+    steps = _steps_table(run.steps, experiment)
+    requests = _requests_table(run.requests, workload)
+    stats = ReplayStats(steps.num_rows, time.perf_counter() - start, run.seconds)
+    return ReplayResult(steps=steps, requests=requests, stats=stats, log=run.log)
 
 
 def _steps_table(cols: dict[str, np.ndarray], experiment: str) -> pa.Table:
@@ -115,7 +119,7 @@ def _requests_table(cols: dict[str, list], workload: Workload) -> pa.Table:
         arrays[name] = pa.array(values, pa.int64(), mask=values < 0)
     arrays["prompt_tokens"] = pa.array(workload.prompt_tokens, pa.int64())
     arrays["output_tokens"] = pa.array(workload.output_tokens, pa.int64())
-    arrays["generated_tokens"] = pa.array(np.asarray(cols["output_tokens"], np.int64))
+    arrays["generated_tokens"] = pa.array(np.asarray(cols["generated_tokens"], np.int64))
     arrays["num_preemptions"] = pa.array(np.asarray(cols["num_preemptions"], np.int64))
     arrays["status"] = pa.array(cols["status"], pa.string())
     arrays["reason"] = pa.array(cols["reason"], pa.string())

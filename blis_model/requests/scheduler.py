@@ -19,10 +19,11 @@ a decode at step k is ``base + k``, so Σctx is ``Σbase + n·k``; the maximum c
 lazy heap of bases; finishes from a heap keyed by finish step; new KV blocks per step
 from counts of bases mod ``block_size``. Only chunks, admissions, finishes, preemptions
 and aborts cost per-request work. This is exact because of an invariant of the policy:
-in running order every decode precedes every request with prompt tokens left (there is
-at most one, the last admitted: a chunk is cut only when the budget runs out, which
-stops admission), and decodes always fit the budget (``max_num_seqs`` ≤ budget). When a
-step's blocks do not fit, the step is scheduled request by request (rare, O(running)).
+in running order every decode precedes every request with tokens left to (re)compute
+(there is at most one, the last admitted: a chunk is cut only when the budget runs out,
+which stops admission), and decodes always fit the budget (``max_num_seqs`` ≤ budget).
+When a step's blocks do not fit, it is scheduled request by request in running order
+(rare; O(running requests)).
 
 Units: times µs, lengths tokens, KV in blocks. Step ids count executed steps from 0.
 """
@@ -213,6 +214,15 @@ class Engine:
         self.ctx_heap: list[tuple[int, int]] = []  # (-base, request), lazy
         self.finish_heap: list[tuple[int, int]] = []  # (finish step, request), lazy
         self.log = EngineLog() if detail else None
+        # queue entries and aborts, in time order
+        self._order: list[int] = workload.queue_order.tolist()
+        self._queue_at: list[float] = workload.queue_us.tolist()
+        self._abort_at: list[float] = workload.abort_us.tolist()
+        self._aborts = sorted((a, r) for r, a in enumerate(self._abort_at)
+                              if a == a and self.state[r] != REJECTED)  # a == a: not NaN
+        self._next = self._next_abort = 0
+        self.next_queue = self._queue_at[self._order[0]]
+        self.next_abort = self._aborts[0][0] if self._aborts else math.inf
 
     # ----------------------------------------------------------------- request moves
 
@@ -420,62 +430,145 @@ class Engine:
 
     # ----------------------------------------------------------------------- the run
 
+    def _boundary(self, now: float, k: int) -> None:
+        """Requests entering the queue by ``now``, then aborts due by ``now``."""
+        order, queue_at, abort_at = self._order, self._queue_at, self._abort_at
+        while self.next_queue <= now:
+            r = order[self._next]
+            self._next += 1
+            if self.state[r] == PENDING:
+                if abort_at[r] <= queue_at[r]:
+                    self.state[r] = ABORTED
+                    self.finished_us[r], self.finished_step[r] = queue_at[r], k
+                    self.reasons[r] = "aborted before entering the engine queue"
+                else:
+                    self._enqueue(r, queue_at[r], k)
+            self.next_queue = queue_at[order[self._next]] if self._next < len(order) else math.inf
+        aborts = self._aborts
+        while self.next_abort <= now:
+            self._abort(aborts[self._next_abort][1], now, k)
+            self._next_abort += 1
+            self.next_abort = (aborts[self._next_abort][0] if self._next_abort < len(aborts)
+                               else math.inf)
+
+    def _finishing(self, k: int) -> list[int]:
+        """Decodes producing their last token in step k (taken off the finish heap)."""
+        out, heap, state, finish_step = [], self.finish_heap, self.state, self.finish_step
+        while heap and heap[0][0] <= k:
+            f, r = heapq.heappop(heap)
+            if f == k and state[r] == DECODE and finish_step[r] == k:
+                out.append(r)
+        return out
+
+    def _decode_max_base(self) -> int:
+        """The largest base among running decodes (stale heap entries dropped)."""
+        heap, state, base = self.ctx_heap, self.state, self.base
+        while True:
+            nb, r = heap[0]
+            if state[r] == DECODE and base[r] == -nb:
+                return -nb
+            heapq.heappop(heap)
+
+    def _chunk_aggregates(self, chunks: list[tuple[int, int, int]], agg: StepAggregates
+                          ) -> tuple[int, int, int, int, int, int, int]:
+        """Set ``agg``'s prefill fields from the step's chunks; return what the chunks add
+        to the rest: (decodes, Σctx, max ctx) of 1-token completions (decodes in all but
+        name), KV blocks, cached blocks, members preempted before, finishing requests."""
+        prompt, output, target = self.prompt, self.output, self.target
+        blocks, hit, preemptions = self.blocks, self.hit, self.preemptions
+        pf_n = pf_t = pf_sq = pf_tc = pf_ts = pf_kv = pf_max = pf_smp = 0
+        dc_n = dc_sum = dc_max = b_alloc = b_cached = pre = fin = 0
+        for r, t, c in chunks:
+            b_alloc += blocks[r]
+            b_cached += hit[r]
+            pre += preemptions[r] > 0
+            known = prompt[r] + output[r]
+            if c + t == known and output[r] + 1 == target[r]:
+                fin += 1
+            if t == 1 and output[r] and c + 1 == known:
+                dc_n += 1
+                dc_sum += c
+                dc_max = max(dc_max, c)
+                continue
+            s = prompt[r]
+            pf_n += 1
+            pf_t += t
+            pf_sq += t * t
+            pf_tc += t * c
+            pf_ts += t * s
+            pf_kv += c + t
+            pf_max = max(pf_max, c + t)
+            pf_smp += c + t >= s
+        agg.pf_count = agg.num_prefill_reqs = pf_n
+        agg.pf_tokens = agg.prefill_tokens = pf_t
+        agg.pf_tokens_sq, agg.pf_ctx_tokens, agg.pf_prompt_tokens = pf_sq, pf_tc, pf_ts
+        agg.pf_kv_tokens, agg.pf_ctx_max, agg.pf_sampling = pf_kv, pf_max, pf_smp
+        return dc_n, dc_sum, dc_max, b_alloc, b_cached, pre, fin
+
+    def _advance(self, chunks: list[tuple[int, int, int]], finishing: list[int], end: float,
+                 k: int) -> None:
+        """After step k (ending at ``end``): chunks advance; requests whose known tokens
+        are all computed produce a token, then decode or finish; decodes finish."""
+        prompt, output, target, group = self.prompt, self.output, self.target, self.group
+        pool, bs, log = self.pool, self.bs, self.log
+        for r, t, c in chunks:
+            if log is not None:
+                log.chunk_step.append(k)
+                log.chunk_req.append(r)
+                log.chunk_tokens.append(t)
+                log.chunk_computed.append(c)
+            done = self.computed[r] = c + t
+            g = group[r]
+            if g >= 0 and pool.cached[g] < pool.full[g] <= done // bs:
+                self._complete_prefix(r, g)
+            if done < prompt[r] + output[r]:
+                continue
+            output[r] += 1
+            if output[r] == 1:
+                self.first_token_us[r], self.first_token_step[r] = end, k
+            self.prefilling.remove(r)
+            if output[r] < target[r]:
+                self._enter_decode(r, k)
+            else:
+                self._finish(r, end, k)
+        for r in finishing:
+            self._leave_decode(r, self.base[r] + k + 1)
+            self._finish(r, end, k)
+
+    def _finish(self, r: int, end: float, k: int) -> None:
+        self.state[r] = FINISHED
+        self.finished_us[r], self.finished_step[r] = end, k
+        self.running.remove(r)
+        self._release(r)
+        self._end_stay(r, STAY_FINISHED, k, k)
+
     def run(self) -> EngineRun:
-        """Replay every request to completion (or ``max_steps``)."""
+        """Replay every request to completion (or ``max_steps``). The hot path — a step of
+        decodes only — touches aggregates, never a request."""
         t0 = time.perf_counter()
-        order = self.workload.queue_order.tolist()
-        queue_at = self.workload.queue_us.tolist()
-        abort_at = self.workload.abort_us.tolist()
-        aborts = sorted((abort_at[r], r) for r in range(len(abort_at))
-                        if abort_at[r] == abort_at[r] and self.state[r] != REJECTED)
-        n_req = len(order)
-        nxt = ai = 0
-        inf = math.inf
-        next_q = queue_at[order[0]] if n_req else inf
-        next_abort = aborts[0][0] if aborts else inf
-        state, running, pool, bs = self.state, self.running, self.pool, self.bs
-        prompt, target, output, computed = self.prompt, self.target, self.output, self.computed
-        blocks, hit, preemptions, group = self.blocks, self.hit, self.preemptions, self.group
-        full = pool.full
-        total_blocks = pool.num_blocks
-        step_time, gap = self.step_time, self.step_gap_us
+        running, pool, total_blocks = self.running, self.pool, self.pool.num_blocks
+        step_time, gap, inf = self.step_time, self.step_gap_us, math.inf
         max_steps = self.max_steps if self.max_steps is not None else -1
-        log = self.log
         agg = StepAggregates()
         agg.kv_blocks_total = total_blocks
-        pf_dirty = False
-        # per-step columns (float64 buffers: appends as cheap as a list's, no conversion)
+        pf_dirty = False  # agg's prefill fields are not all 0
+        # per-step columns (float64 buffers: appends as cheap as a list's, no conversion);
+        # prefill aggregates, finishes and preemptions only on the steps that have them
         col_start, col_dur, col_run, col_wait, col_free, col_dc, col_dcsum, col_dcmax = (
             array("d") for _ in range(8))
         col_blocks, col_cached, col_pre = array("d"), array("d"), array("d")
-        sparse_pf: list[tuple] = []  # (step, pf aggregates...)
-        sparse_events: list[tuple[int, int, int]] = []  # (step, finished, preempted)
-        now = next_q
-        k = 0
+        sparse_pf: list[tuple] = []
+        sparse_events: list[tuple[int, int, int]] = []
+        now, k = self.next_queue, 0
         while k != max_steps:
-            # requests entering the queue, then aborts, at this step boundary
-            while next_q <= now:
-                r = order[nxt]
-                nxt += 1
-                if state[r] == PENDING:
-                    if abort_at[r] <= queue_at[r]:
-                        state[r] = ABORTED
-                        self.finished_us[r], self.finished_step[r] = queue_at[r], k
-                        self.reasons[r] = "aborted before entering the engine queue"
-                    else:
-                        self._enqueue(r, queue_at[r], k)
-                next_q = queue_at[order[nxt]] if nxt < n_req else inf
-            while next_abort <= now:
-                self._abort(aborts[ai][1], now, k)
-                ai += 1
-                next_abort = aborts[ai][0] if ai < len(aborts) else inf
+            if self.next_queue <= now or self.next_abort <= now:
+                self._boundary(now, k)
             if not running and not self.n_waiting:
-                if next_q == inf:
+                if self.next_queue == inf:
                     break
-                self.waiting.clear()
-                now = max(now, next_q)
+                self.waiting.clear()  # only aborted requests were left in it
+                now = max(now, self.next_queue)
                 continue
-            # schedule
             chunks, budget, n_preempted = self._schedule_running(k)
             if not n_preempted and self.n_waiting:
                 self._admit(k, now, budget, chunks)
@@ -484,56 +577,19 @@ class Engine:
                 if n_preempted:
                     continue  # everything was preempted: schedule again from the queue
                 raise RuntimeError(f"step {k}: nothing schedulable")  # rejections prevent it
-            # decodes finishing at the end of this step
-            finishing = []
-            fh = self.finish_heap
-            while fh and fh[0][0] <= k:
-                f, r = heapq.heappop(fh)
-                if f == k and state[r] == DECODE and self.finish_step[r] == k:
-                    finishing.append(r)
-            # aggregates
+            heap = self.finish_heap
+            finishing = self._finishing(k) if heap and heap[0][0] <= k else []
             dc_sum = self.base_sum + n_dc * k
-            dc_max = 0
-            if n_dc:
-                ch = self.ctx_heap
-                while True:
-                    nb, r = ch[0]
-                    if state[r] == DECODE and self.base[r] == -nb:
-                        break
-                    heapq.heappop(ch)
-                dc_max = k - nb
+            dc_max = k + self._decode_max_base() if n_dc else 0
             b_alloc, b_cached, pre_before = self.dc_blocks, self.dc_cached, self.dc_preempted
             n_fin = len(finishing)
             if chunks:
-                pf_n = pf_t = pf_sq = pf_tc = pf_ts = pf_kv = pf_max = pf_smp = 0
-                for r, t, c in chunks:
-                    b_alloc += blocks[r]
-                    b_cached += hit[r]
-                    pre_before += preemptions[r] > 0
-                    known = prompt[r] + output[r]
-                    if c + t == known and output[r] + 1 == target[r]:
-                        n_fin += 1
-                    if t == 1 and output[r] and c + 1 == known:  # a decode in all but name
-                        n_dc += 1
-                        dc_sum += c
-                        dc_max = max(dc_max, c)
-                        continue
-                    s = prompt[r]
-                    pf_n += 1
-                    pf_t += t
-                    pf_sq += t * t
-                    pf_tc += t * c
-                    pf_ts += t * s
-                    pf_kv += c + t
-                    pf_max = max(pf_max, c + t)
-                    pf_smp += c + t >= s
-                agg.pf_count = agg.num_prefill_reqs = pf_n
-                agg.pf_tokens = agg.prefill_tokens = pf_t
-                agg.pf_tokens_sq, agg.pf_ctx_tokens, agg.pf_prompt_tokens = pf_sq, pf_tc, pf_ts
-                agg.pf_kv_tokens, agg.pf_ctx_max, agg.pf_sampling = pf_kv, pf_max, pf_smp
-                if pf_n:
-                    sparse_pf.append((k, pf_n, pf_t, pf_sq, pf_tc, pf_ts, pf_kv, pf_max,
-                                      pf_smp))
+                dn, dsum, dmax, ba, bc, pb, fin = self._chunk_aggregates(chunks, agg)
+                n_dc, dc_sum, dc_max = n_dc + dn, dc_sum + dsum, max(dc_max, dmax)
+                b_alloc, b_cached, pre_before, n_fin = (b_alloc + ba, b_cached + bc,
+                                                        pre_before + pb, n_fin + fin)
+                if agg.pf_count:
+                    sparse_pf.append((k, *(getattr(agg, name) for name in _PF_FIELDS)))
                 pf_dirty = True
             elif pf_dirty:
                 for name in _PF_FIELDS:
@@ -555,8 +611,6 @@ class Engine:
             if not 0.0 < dt < inf:
                 raise ValueError(f"step_time returned {dt!r} µs for step {k}: a step "
                                  "time must be finite and > 0")
-            end = now + dt
-            # record
             col_start.append(now)
             col_dur.append(dt)
             col_run.append(n_run)
@@ -570,39 +624,9 @@ class Engine:
             col_pre.append(pre_before)
             if n_fin or n_preempted:
                 sparse_events.append((k, n_fin, n_preempted))
-            # apply: chunks advance, tokens are produced at the end of the step
-            for r, t, c in chunks:
-                if log is not None:
-                    log.chunk_step.append(k)
-                    log.chunk_req.append(r)
-                    log.chunk_tokens.append(t)
-                    log.chunk_computed.append(c)
-                done = c + t
-                computed[r] = done
-                g = group[r]
-                if g >= 0 and pool.cached[g] < full[g] <= done // bs:
-                    self._complete_prefix(r, g)
-                if done < prompt[r] + output[r]:
-                    continue
-                output[r] += 1
-                if output[r] == 1:
-                    self.first_token_us[r], self.first_token_step[r] = end, k
-                self.prefilling.remove(r)
-                if output[r] < target[r]:
-                    self._enter_decode(r, k)
-                    continue
-                state[r] = FINISHED
-                self.finished_us[r], self.finished_step[r] = end, k
-                running.remove(r)
-                self._release(r)
-                self._end_stay(r, STAY_FINISHED, k, k)
-            for r in finishing:
-                self._leave_decode(r, self.base[r] + k + 1)
-                state[r] = FINISHED
-                self.finished_us[r], self.finished_step[r] = end, k
-                running.remove(r)
-                self._release(r)
-                self._end_stay(r, STAY_FINISHED, k, k)
+            end = now + dt
+            if chunks or finishing:
+                self._advance(chunks, finishing, end, k)
             now = end + gap
             k += 1
         seconds = time.perf_counter() - t0
@@ -644,17 +668,15 @@ class Engine:
         return cols
 
     def _request_columns(self, steps: int) -> dict[str, list]:
-        # decodes still running: bring their token counts up to date
-        for r in list(self.running):
+        for r in self.running:  # decodes still running: their outputs after the last step
             if self.state[r] == DECODE:
-                self._leave_decode(r, self.base[r] + steps)
-                self.state[r] = PREFILL  # no longer in the aggregates; status unfinished
+                self.output[r] = self.base[r] + steps - self.prompt[r] + 1
         return {"queued_us": self.queued_us, "scheduled_us": self.scheduled_us,
                 "first_token_us": self.first_token_us, "finished_us": self.finished_us,
                 "queued_step": self.queued_step, "scheduled_step": self.scheduled_step,
                 "first_token_step": self.first_token_step,
                 "finished_step": self.finished_step, "num_preemptions": self.preemptions,
-                "output_tokens": self.output,
+                "generated_tokens": self.output,
                 "status": [STATUS[s] for s in self.state], "reason": self.reasons}
 
     def _close_log(self, steps: int) -> EngineLog | None:
