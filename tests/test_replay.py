@@ -123,14 +123,16 @@ def test_prefix_cache_hit_skips_whole_cached_blocks_only() -> None:
                  output_tokens=[5, 5, 5], prefix_group=[0, 0, 0], prefix_tokens=[40, 40, 40])
     result = replay(w, ServerLimits(2048, 8, num_gpu_blocks=100), constant, detail=True)
     members = step_members(result.log, w, 16).to_pandas()
-    first = members[(members["step_id"] == 0)]
-    assert list(first["computed"]) == [0, 0]  # nothing was cached when both arrived
+    # blocks are cached when allocated: B, admitted right after A in the same step,
+    # already reuses the prefix blocks A computes in that step
+    first = members[members["step_id"] == 0].set_index("request")
+    assert list(first["computed"]) == [0, 32] and list(first["blocks_cached"]) == [0, 2]
     late = members[(members["request"] == 2) & members["prefill"]]
     assert list(late["computed"]) == [32] and list(late["scheduled"]) == [18]
     assert list(late["blocks_cached"]) == [2]
-    assert col(result.steps, "blocks_cached")[3] == 2
-    # the three hold 7 + 7 + 4 blocks, the 2 cached ones shared by two of them
-    assert col(result.steps, "kv_blocks_free")[3] == 100 - (7 + 7 + 4 - 2)
+    assert col(result.steps, "blocks_cached")[3] == 2 + 2  # B (decoding) and C
+    # the three hold 7 + 7 + 4 blocks; the 2 cached ones are stored once for all three
+    assert col(result.steps, "kv_blocks_free")[3] == 100 - (7 + 7 + 4 - 2 * 2)
     without = replay(w, ServerLimits(2048, 8, num_gpu_blocks=100, prefix_caching=False),
                      constant)
     assert col(without.steps, "pf_tokens")[3] == 50
@@ -383,6 +385,15 @@ class Reference:
         self.blocks[r] = self.shared[r] = self.hit[r] = 0
         self.pinned[r] = False
 
+    def cache_prefix(self, r: int, computed: int) -> None:
+        """Full blocks are cached when allocated: covering the group's prefix caches it."""
+        g, pool = self.group[r], self.pool
+        if g >= 0 and pool.cached[g] < pool.full[g] <= computed // self.bs:
+            if not self.pinned[r]:
+                pool.pin(g)
+                self.pinned[r] = True
+            self.shared[r] += pool.complete(g)
+
     def run(self) -> list[dict]:
         w, bs, pool = self.w, self.bs, self.pool
         order = list(w.queue_order)
@@ -427,6 +438,7 @@ class Reference:
                     break
                 pool.take(need)
                 self.blocks[r] += need
+                self.cache_prefix(r, c + t)
                 batch.append((r, t, c))
                 budget -= t
                 i += 1
@@ -443,6 +455,7 @@ class Reference:
                 self.running.append(r)
                 self.computed[r], self.blocks[r], self.shared[r] = hit * bs, blocks, hit
                 self.hit[r], self.pinned[r] = hit, hit > 0
+                self.cache_prefix(r, hit * bs + t)
                 batch.append((r, t, hit * bs))
                 budget -= t
             if not batch:
@@ -452,12 +465,6 @@ class Reference:
             self.rows.append({**agg.as_dict(), "duration_us": dt, "ts_start_us": now})
             for r, t, _ in batch:
                 self.computed[r] += t
-                g = self.group[r]
-                if g >= 0 and pool.cached[g] < pool.full[g] <= self.computed[r] // bs:
-                    if not self.pinned[r]:
-                        pool.pin(g)
-                        self.pinned[r] = True
-                    self.shared[r] += pool.complete(g)
                 if self.computed[r] == self.known(r):
                     self.output[r] += 1
                     if self.output[r] == w.output_tokens[r]:

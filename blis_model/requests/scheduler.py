@@ -339,6 +339,7 @@ class Engine:
             self.dc_blocks += dc_new
             for r, t, c in chunks:
                 self.blocks[r] = _cdiv(c + t, self.bs)
+                self._cache_prefix(r, c + t)
             return chunks, budget, 0
         return self._schedule_running_in_order(k)
 
@@ -372,6 +373,7 @@ class Engine:
                 else:
                     self.blocks[r] += need
                     chunks.append((r, t, c))
+                    self._cache_prefix(r, c + t)
                 budget -= t
                 i += 1
                 continue
@@ -406,6 +408,7 @@ class Engine:
             self.running.append(r)
             self.prefilling.append(r)
             chunks.append((r, t, c))
+            self._cache_prefix(r, c + t)
             budget -= t
             if self.scheduled_step[r] < 0:
                 self.scheduled_us[r], self.scheduled_step[r] = now, k
@@ -421,12 +424,18 @@ class Engine:
                 log.stay_end.append(STAY_OPEN)
                 log.stay_end_step.append(-1)
 
-    def _complete_prefix(self, r: int, g: int) -> None:
-        """``r`` has computed its group's whole prefix: the group's cache is complete."""
+    def _cache_prefix(self, r: int, computed: int) -> None:
+        """``r`` was given blocks for ``computed`` tokens this step. Covering its group's
+        whole prefix completes the group's cache right away: vLLM caches full blocks when
+        it allocates them, so a request admitted later in the same step can hit them."""
+        g = self.group[r]
+        pool = self.pool
+        if g < 0 or not pool.cached[g] < pool.full[g] <= computed // self.bs:
+            return
         if not self.pinned[r]:
-            self.pool.pin(g)
+            pool.pin(g)
             self.pinned[r] = True
-        self.shared[r] += self.pool.complete(g)
+        self.shared[r] += pool.complete(g)
 
     # ----------------------------------------------------------------------- the run
 
@@ -509,8 +518,7 @@ class Engine:
                  k: int) -> None:
         """After step k (ending at ``end``): chunks advance; requests whose known tokens
         are all computed produce a token, then decode or finish; decodes finish."""
-        prompt, output, target, group = self.prompt, self.output, self.target, self.group
-        pool, bs, log = self.pool, self.bs, self.log
+        prompt, output, target, log = self.prompt, self.output, self.target, self.log
         for r, t, c in chunks:
             if log is not None:
                 log.chunk_step.append(k)
@@ -518,9 +526,6 @@ class Engine:
                 log.chunk_tokens.append(t)
                 log.chunk_computed.append(c)
             done = self.computed[r] = c + t
-            g = group[r]
-            if g >= 0 and pool.cached[g] < pool.full[g] <= done // bs:
-                self._complete_prefix(r, g)
             if done < prompt[r] + output[r]:
                 continue
             output[r] += 1
