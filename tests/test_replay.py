@@ -29,6 +29,12 @@ from blis_model.requests.scheduler import AGGREGATES, STAY_PREEMPTED, prefix_blo
 STEP_US = 1000.0
 
 
+def server(budget: int = 2048, seqs: int = 8, block_size: int = 16, blocks: int = 10_000,
+           **kwargs) -> ServerLimits:
+    """A server with room to spare unless told otherwise."""
+    return ServerLimits(budget, seqs, block_size, blocks, **kwargs)
+
+
 def constant(agg: StepAggregates) -> float:
     """Every step takes 1 ms."""
     return STEP_US
@@ -52,7 +58,7 @@ def requests_of(result) -> list[dict]:
 
 def test_one_request_prefills_in_budget_sized_chunks_then_decodes() -> None:
     w = Workload(arrival_us=[0.0], prompt_tokens=[5000], output_tokens=[4])
-    result = replay(w, ServerLimits(max_num_batched_tokens=2048, max_num_seqs=8), constant)
+    result = replay(w, server(), constant)
     steps = result.steps
     assert col(steps, "pf_tokens") == [2048, 2048, 904, 0, 0, 0]
     assert col(steps, "pf_ctx_tokens") == [0, 2048 * 2048, 904 * 4096, 0, 0, 0]
@@ -72,7 +78,7 @@ def test_one_request_prefills_in_budget_sized_chunks_then_decodes() -> None:
 
 def test_second_request_is_admitted_with_the_budget_left() -> None:
     w = Workload(arrival_us=[0.0, 0.0], prompt_tokens=[1500, 1000], output_tokens=[3, 3])
-    result = replay(w, ServerLimits(2048, 8), constant)
+    result = replay(w, server(), constant)
     steps = result.steps
     # step 0: 1500 + 548; step 1: A decodes, B its last 452 tokens (context 548)
     assert col(steps, "pf_tokens")[:2] == [2048, 452]
@@ -88,7 +94,7 @@ def test_second_request_is_admitted_with_the_budget_left() -> None:
 def test_max_num_seqs_holds_a_third_request_in_the_queue() -> None:
     w = Workload(arrival_us=[0.0, 0.0, 0.0], prompt_tokens=[10, 10, 10],
                  output_tokens=[3, 5, 2])
-    result = replay(w, ServerLimits(2048, max_num_seqs=2), constant)
+    result = replay(w, server(seqs=2), constant)
     a, b, c = requests_of(result)
     assert a["finished_step"] == 2  # tokens at the end of steps 0, 1, 2
     assert c["queued_step"] == 0 and c["scheduled_step"] == 3  # the freed slot
@@ -101,7 +107,7 @@ def test_running_out_of_kv_blocks_preempts_the_last_running_request() -> None:
     # 4-token blocks, 6 in all: two 8-token prompts take 2 blocks each; their decodes need
     # a 3rd block at context 8 and a 4th at context 12 — the 4th does not fit for both
     w = Workload(arrival_us=[0.0, 0.0], prompt_tokens=[8, 8], output_tokens=[10, 10])
-    limits = ServerLimits(2048, 8, block_size=4, num_gpu_blocks=6)
+    limits = server(block_size=4, blocks=6)
     result = replay(w, limits, constant, detail=True)
     steps, (a, b) = result.steps, requests_of(result)
     assert col(steps, "num_preempted") == [0] * 5 + [1] + [0] * 9
@@ -121,7 +127,7 @@ def test_prefix_cache_hit_skips_whole_cached_blocks_only() -> None:
     # group 0's prefix is 40 tokens: 2 full 16-token blocks can be shared
     w = Workload(arrival_us=[0.0, 0.0, 2500.0], prompt_tokens=[100, 100, 50],
                  output_tokens=[5, 5, 5], prefix_group=[0, 0, 0], prefix_tokens=[40, 40, 40])
-    result = replay(w, ServerLimits(2048, 8, num_gpu_blocks=100), constant, detail=True)
+    result = replay(w, server(blocks=100), constant, detail=True)
     members = step_members(result.log, w, 16).to_pandas()
     # blocks are cached when allocated: B, admitted right after A in the same step,
     # already reuses the prefix blocks A computes in that step
@@ -133,7 +139,7 @@ def test_prefix_cache_hit_skips_whole_cached_blocks_only() -> None:
     assert col(result.steps, "blocks_cached")[3] == 2 + 2  # B (decoding) and C
     # the three hold 7 + 7 + 4 blocks; the 2 cached ones are stored once for all three
     assert col(result.steps, "kv_blocks_free")[3] == 100 - (7 + 7 + 4 - 2 * 2)
-    without = replay(w, ServerLimits(2048, 8, num_gpu_blocks=100, prefix_caching=False),
+    without = replay(w, server(blocks=100, prefix_caching=False),
                      constant)
     assert col(without.steps, "pf_tokens")[3] == 50
 
@@ -144,7 +150,7 @@ def test_released_prefix_stays_cached_until_allocation_evicts_it() -> None:
     w = Workload(arrival_us=[0.0, 10_000.0, 20_000.0, 40_000.0],
                  prompt_tokens=[64, 64, 120, 64], output_tokens=[1, 1, 2, 1],
                  prefix_group=[0, 0, -1, 0], prefix_tokens=[48, 48, 0, 48])
-    result = replay(w, ServerLimits(2048, 8, block_size=16, num_gpu_blocks=8), constant,
+    result = replay(w, server(blocks=8), constant,
                     detail=True)
     members = step_members(result.log, w, 16).to_pandas().set_index("request")
     assert members.loc[1, "computed"] == 48 and members.loc[1, "blocks_cached"] == 3
@@ -156,7 +162,7 @@ def test_released_prefix_stays_cached_until_allocation_evicts_it() -> None:
 def test_abort_removes_the_request_and_frees_its_blocks() -> None:
     w = Workload(arrival_us=[0.0, 0.0, 0.0], prompt_tokens=[32, 32, 32],
                  output_tokens=[100, 100, 5], abort_us=[3500.0, np.nan, 1500.0])
-    limits = ServerLimits(2048, max_num_seqs=2, num_gpu_blocks=50)
+    limits = server(seqs=2, blocks=50)
     result = replay(w, limits, constant)
     a, b, c = requests_of(result)
     assert a["status"] == "aborted" and a["finished_step"] == 4 and a["generated_tokens"] == 4
@@ -170,7 +176,7 @@ def test_abort_removes_the_request_and_frees_its_blocks() -> None:
 def test_requests_that_can_never_run_are_rejected_up_front() -> None:
     w = Workload(arrival_us=[0.0, 1.0, 2.0], prompt_tokens=[4000, 100, 30],
                  output_tokens=[200, 3, 2000])
-    limits = ServerLimits(2048, 8, block_size=16, num_gpu_blocks=100, max_model_len=4096)
+    limits = server(blocks=100, max_model_len=4096)
     result = replay(w, limits, constant)
     long, ok, huge = requests_of(result)
     assert long["status"] == "rejected" and "max_model_len" in long["reason"]
@@ -187,7 +193,7 @@ def test_step_time_sees_the_step_table_columns() -> None:
         return 2000.0
 
     w = Workload(arrival_us=[0.0, 0.0], prompt_tokens=[700, 300], output_tokens=[3, 2])
-    result = replay(w, ServerLimits(512, 8), spy)
+    result = replay(w, server(512), spy)
     table = result.steps.to_pylist()
     assert [s["step_id"] for s in seen] == [row["step_id"] for row in table]
     for agg, row in zip(seen, table, strict=True):
@@ -205,7 +211,7 @@ def test_aggregates_are_the_step_tables_columns() -> None:
 def test_pre_queue_time_delays_queue_entry() -> None:
     w = Workload(arrival_us=[0.0, 100.0], prompt_tokens=[10, 10], output_tokens=[2, 2],
                  pre_queue_us=[500.0, 0.0])
-    first, second = requests_of(replay(w, ServerLimits(2048, 8), constant))
+    first, second = requests_of(replay(w, server(), constant))
     assert second["queued_us"] == 100.0 and second["scheduled_step"] == 0
     assert first["queued_us"] == 500.0 and first["scheduled_step"] == 1
 
@@ -232,19 +238,20 @@ def test_bad_workloads_are_refused_naming_the_field(kwargs, field) -> None:
 @pytest.mark.parametrize(("kwargs", "field"), [
     (dict(max_num_batched_tokens=0, max_num_seqs=1), "max_num_batched_tokens"),
     (dict(max_num_batched_tokens=64, max_num_seqs=128), "max_num_seqs"),
-    (dict(max_num_batched_tokens=64, max_num_seqs=8, block_size=-16), "block_size"),
-    (dict(max_num_batched_tokens=64, max_num_seqs=8, num_gpu_blocks=2.5), "num_gpu_blocks"),
-    (dict(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=0), "max_model_len"),
+    (dict(block_size=-16), "block_size"),
+    (dict(num_gpu_blocks=2.5), "num_gpu_blocks"),
+    (dict(max_model_len=0), "max_model_len"),
 ])
 def test_bad_limits_are_refused_naming_the_field(kwargs, field) -> None:
+    base = dict(max_num_batched_tokens=64, max_num_seqs=8, block_size=16, num_gpu_blocks=100)
     with pytest.raises(ConfigError, match=field):
-        ServerLimits(**kwargs)
+        ServerLimits(**{**base, **kwargs})
 
 
 def test_a_bad_step_time_is_reported_with_its_step() -> None:
     w = Workload(arrival_us=[0.0], prompt_tokens=[10], output_tokens=[3])
     with pytest.raises(ValueError, match="step 1"):
-        replay(w, ServerLimits(2048, 8), lambda agg: 1000.0 if agg.step_id == 0 else math.nan)
+        replay(w, server(), lambda agg: 1000.0 if agg.step_id == 0 else math.nan)
 
 
 # --------------------------------------------------------------- random workloads
@@ -269,7 +276,7 @@ KV_STARVED = ServerLimits(1024, 32, block_size=16, num_gpu_blocks=330, max_model
 
 def test_invariants_on_a_random_workload_without_preemption() -> None:
     w = random_workload(1, groups=0, aborts=0.0)
-    result = replay(w, ServerLimits(2048, 64, num_gpu_blocks=100_000), linear)
+    result = replay(w, server(seqs=64, blocks=100_000), linear)
     steps, req = result.steps, result.requests
     assert result.steps.schema == STEP_SCHEMA
     generated = np.asarray(col(req, "generated_tokens"))

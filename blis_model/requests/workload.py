@@ -26,8 +26,8 @@ class ServerLimits:
 
     max_num_batched_tokens: int
     max_num_seqs: int
-    block_size: int = 16
-    num_gpu_blocks: int = 10_000
+    block_size: int
+    num_gpu_blocks: int
     max_model_len: int | None = None
     prefix_caching: bool = True
 
@@ -74,7 +74,7 @@ def _check(name: str, bad: np.ndarray, what: str) -> None:
                           key=name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Workload:
     """One experiment's requests, one entry per request in arrival order.
 
