@@ -173,6 +173,15 @@ def test_abort_removes_the_request_and_frees_its_blocks() -> None:
     assert col(result.steps, "kv_blocks_free")[-1] == 50 - math.ceil(131 / 16)
 
 
+def test_a_request_abandoned_before_reaching_the_queue_never_runs() -> None:
+    w = Workload(arrival_us=[0.0, 0.0], prompt_tokens=[32, 32], output_tokens=[3, 3],
+                 pre_queue_us=[0.0, 5000.0], abort_us=[np.nan, 2000.0])
+    kept, gone = requests_of(replay(w, server(), constant))
+    assert kept["status"] == "finished" and gone["status"] == "aborted"
+    assert math.isnan(gone["queued_us"]) and gone["finished_us"] == 2000.0
+    assert "before entering the engine queue" in gone["reason"]
+
+
 def test_requests_that_can_never_run_are_rejected_up_front() -> None:
     w = Workload(arrival_us=[0.0, 1.0, 2.0], prompt_tokens=[4000, 100, 30],
                  output_tokens=[200, 3, 2000])

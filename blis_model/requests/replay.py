@@ -38,7 +38,8 @@ REQUEST_SCHEMA = pa.schema([
 ])
 """Per request: times in µs (NaN: never), step ids (null: never). ``scheduled_*``: first
 admission; ``first_token_*``/``finished_*``: END of the step that produced the token
-(aborted: the step boundary at which the server dropped it). ``output_tokens``: what the
+(aborted: the step boundary at which the server dropped it; before it reached the queue:
+the abort time). ``output_tokens``: what the
 workload asked for; ``generated_tokens``: what was produced. ``status``: finished |
 aborted | rejected | unfinished (``max_steps`` reached); ``reason`` for the last two."""
 

@@ -298,6 +298,7 @@ class Engine:
             return
         if state == PENDING:
             self.reasons[r] = "aborted before entering the engine queue"
+            now = self._abort_at[r]
         elif state == WAITING:
             self.n_waiting -= 1  # dropped from the deque when it reaches the front
         elif state == DECODE:
@@ -448,7 +449,7 @@ class Engine:
             if self.state[r] == PENDING:
                 if abort_at[r] <= queue_at[r]:
                     self.state[r] = ABORTED
-                    self.finished_us[r], self.finished_step[r] = queue_at[r], k
+                    self.finished_us[r], self.finished_step[r] = abort_at[r], k
                     self.reasons[r] = "aborted before entering the engine queue"
                 else:
                     self._enqueue(r, queue_at[r], k)
