@@ -36,37 +36,36 @@ def stay_table(log: EngineLog, workload: Workload) -> dict[str, np.ndarray]:
     ``end_step``, ``hit`` (tokens from the prefix cache), ``output``/``preemptions`` at
     its start, ``complete`` (step whose chunk completed the known tokens, -1: none) and
     ``output_end`` (outputs when it ended)."""
+    return _stays_and_chunks(log, workload)[0]
+
+
+def _stays_and_chunks(log: EngineLog, workload: Workload
+                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    """(stays, chunks, the stay of each chunk)."""
     stays = {name: np.asarray(getattr(log, f"stay_{name}"), np.int64) for name in (
         "req", "start", "hit", "output", "preemptions", "last", "end", "end_step")}
     stays["request"] = stays.pop("req")
-    n_stays = len(stays["request"])
-    chunk, idx = _chunks(log, stays)
-    known = workload.prompt_tokens[chunk["req"]] + stays["output"][idx]
-    completes = chunk["computed"] + chunk["tokens"] == known
-    complete = np.full(n_stays, -1, np.int64)
-    complete[idx[completes]] = chunk["step"][completes]
-    decoded = np.where(complete >= 0, stays["last"] - complete, 0)
-    stays["complete"] = complete
-    stays["output_end"] = stays["output"] + (complete >= 0) + np.maximum(decoded, 0)
-    return stays
-
-
-def _chunks(log: EngineLog, stays: dict[str, np.ndarray]
-            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The log's chunks and the stay each belongs to."""
     chunk = {name: np.asarray(getattr(log, f"chunk_{name}"), np.int64)
              for name in ("step", "req", "tokens", "computed")}
+    # a chunk belongs to the latest stay of its request that started at or before it
     span = int(max(np.max(stays["end_step"], initial=0), np.max(chunk["step"], initial=0))) + 2
     stay_key = stays["request"] * span + stays["start"]
     order = np.argsort(stay_key, kind="stable")
-    pos = np.searchsorted(stay_key[order], chunk["req"] * span + chunk["step"], "right") - 1
-    return chunk, order[pos]
+    idx = order[np.searchsorted(stay_key[order], chunk["req"] * span + chunk["step"],
+                                "right") - 1]
+    known = workload.prompt_tokens[chunk["req"]] + stays["output"][idx]
+    completes = chunk["computed"] + chunk["tokens"] == known
+    complete = np.full(len(stays["request"]), -1, np.int64)
+    complete[idx[completes]] = chunk["step"][completes]
+    decoded = np.where(complete >= 0, np.maximum(stays["last"] - complete, 0), 0)
+    stays["complete"] = complete
+    stays["output_end"] = stays["output"] + (complete >= 0) + decoded
+    return stays, chunk, idx
 
 
 def step_members(log: EngineLog, workload: Workload, block_size: int) -> pa.Table:
     """The batch of every step, one row per member (MEMBER_SCHEMA)."""
-    stays = stay_table(log, workload)
-    chunk, idx = _chunks(log, {k: stays[k] for k in ("request", "start", "end_step")})
+    stays, chunk, idx = _stays_and_chunks(log, workload)
     prompt = workload.prompt_tokens
     # chunks: the stay's outputs are fixed until its computation completes
     c_req, c_t, c_c = chunk["req"], chunk["tokens"], chunk["computed"]
