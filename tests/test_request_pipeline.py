@@ -55,15 +55,12 @@ class PhysicsLaw:
         arch = arch_from_hf_config(bundled_model_config(self.model), self.model)
         return FeatureContext(arch, hardware_spec("H100"))
 
-    def __call__(self, batch) -> float:
-        t = np.array([p[0] for p in batch.prefills], float)
-        c = np.array([p[1] for p in batch.prefills], float)
-        d = np.array(batch.decode_contexts, float)
-        cols = {k: np.array([v], float) for k, v in {
-            "pf_tokens": t.sum(), "pf_tokens_sq": (t * t).sum(), "pf_ctx_tokens": (t * c).sum(),
-            "pf_count": len(t), "dc_count": len(d), "dc_ctx_sum": d.sum()}.items()}
+    def __call__(self, agg) -> float:
+        """``agg``: the step's aggregates (step-table column names)."""
+        cols = {k: np.array([getattr(agg, k)], float) for k in (
+            "pf_tokens", "pf_tokens_sq", "pf_ctx_tokens", "pf_count", "dc_count", "dc_ctx_sum")}
         mean = float(compute(FEATURES, cols, self.context)[0] @ BETA)
-        rng = np.random.default_rng([self.seed, batch.step_id])
+        rng = np.random.default_rng([self.seed, agg.step_id])
         return mean * math.exp(self.noise_sigma * rng.standard_normal())
 
 

@@ -196,3 +196,38 @@ def test_overload_indicators_separate_an_overloaded_server(tmp_path) -> None:
     assert found["light"]["wait_growth"] < 2 < 5 < found["over"]["wait_growth"]
     assert found["light"]["preempted_share"] == 0 < found["over"]["preempted_share"]
     assert found["over"]["wait_median_ms"] > 100 * found["light"]["wait_median_ms"]
+
+
+def test_snapshots_derived_from_the_replay_log_equal_its_fast_aggregates() -> None:
+    """Per-request detail comes from the one scheduler's log; summed back per step it
+    equals the engine's own aggregates, with preemption and prefix caching."""
+    cfg = dataclasses.replace(BUSY, seed=4, num_requests=100, prefix_caching=True,
+                              prefix_share=0.7, prefix_tokens=300)
+    result = simulate(cfg)
+    fast = result.replay.steps
+    assert fast.num_rows == len(result.steps) and fast.column("num_preempted").to_numpy().sum()
+    assert fast.column("blocks_cached").to_numpy().sum() > 0
+    rows = [(s.batch.step_id, snap) for s in result.steps for snap in s.snapshots]
+    step = np.array([k for k, _ in rows])
+    snap = {key: np.array([x[key] for _, x in rows], np.float64) for key in (
+        "request.num_computed_tokens", "request.scheduled_tokens_this_step",
+        "request.num_prompt_tokens", "kv.blocks_allocated_gpu", "kv.blocks_cached_gpu",
+        "request.num_preemptions")}
+    prefill = np.array([x["request.phase"] == "PREFILL" for _, x in rows])
+    c, t = snap["request.num_computed_tokens"], snap["request.scheduled_tokens_this_step"]
+
+    def total(values, mask=None):
+        mask = np.ones(len(step), bool) if mask is None else mask
+        return np.bincount(step[mask], weights=values[mask], minlength=fast.num_rows)
+
+    want = {"pf_count": total(np.ones(len(step)), prefill), "pf_tokens": total(t, prefill),
+            "pf_ctx_tokens": total(t * c, prefill), "dc_count": total(np.ones(len(step)),
+                                                                      ~prefill),
+            "dc_ctx_sum": total(c, ~prefill),
+            "blocks_allocated": total(snap["kv.blocks_allocated_gpu"]),
+            "blocks_cached": total(snap["kv.blocks_cached_gpu"]),
+            "preempted_before": total((snap["request.num_preemptions"] > 0) * 1.0)}
+    for name, values in want.items():
+        np.testing.assert_array_equal(values, fast.column(name).to_numpy(), err_msg=name)
+    durations = np.array([s.duration_us for s in result.steps], np.float64)
+    np.testing.assert_array_equal(durations, fast.column("duration_us").to_numpy())

@@ -18,7 +18,8 @@ import numpy as np
 import orjson
 
 from blis_model.ingest.otlp import API_SCOPE, JOURNEY_SCOPE, STEP_SCOPE
-from blis_model.synth.simulator import SimRequest, SimResult, StepRecord
+from blis_model.synth.records import SimRequest, StepRecord
+from blis_model.synth.simulator import SimResult
 
 
 def otlp_value(value: Any) -> dict[str, Any]:

@@ -1,21 +1,18 @@
-"""A small vLLM-V1-style serving simulator with a known ground truth.
+"""A synthetic vLLM-V1 serving experiment with a known ground truth, on the replay engine.
 
-Requests arrive by a Poisson process at the API, enter the engine queue ``α0`` later and
-are served by continuous batching: each step first gives running requests their tokens
-(decodes 1 token, partially prefilled requests the next chunk), in running order, then
-admits waiting requests (FCFS) while the ``max_num_batched_tokens`` budget and
-``max_num_seqs`` allow, chunking the last prefill to fit. KV blocks (``block_size``
-tokens each, ``num_gpu_blocks`` in all) are allocated per step; when they run out, the
-most recently admitted running request is preempted (blocks freed, recomputed later),
-as vLLM V1 does. With ``prefix_caching``, a share of requests start with one of a few
-shared prefixes; a request admitted while another running request holds its prefix's
-full blocks starts with those tokens computed (compute is saved, KV blocks are still
-charged to each request). A step's duration is ``step_time_us(batch)``; the response leaves the
-API ``α1 + α2·output_tokens`` after the engine finishes.
+Requests arrive by a (gamma) renewal process at the API and enter the engine queue ``α0``
+later; :func:`blis_model.requests.replay.replay` schedules them exactly as vLLM V1 does
+(continuous batching, chunked prefill, KV blocks, recompute preemption of the last
+running request, LRU prefix caching when ``prefix_caching``: a share of requests start
+with one of a few shared prefixes, whose full blocks are shared once computed and stay
+cached until evicted). A step's duration is ``step_time_us(aggregates)`` rounded to whole
+µs; the response leaves the API ``α1 + α2·output_tokens`` after the engine finishes.
 
-Journey events follow vLLM: QUEUED carries the id of the next step to run (time = queue
-entry); SCHEDULED (``FIRST``/``RESUME``) and PREEMPTED the step being scheduled (time =
-its start); FIRST_TOKEN and FINISHED the step that produced the token (time = its end).
+Everything per request — journey events and per-step snapshots — is derived from the
+replay's log (``synth.from_replay``), never from a second scheduler. Journey events
+follow vLLM: QUEUED carries the id of the next step to run (time = queue entry);
+SCHEDULED (``FIRST``/``RESUME``) and PREEMPTED the step being scheduled (time = its
+start); FIRST_TOKEN and FINISHED the step that produced the token (time = its end).
 A decode is a 1-token step of a request whose other tokens are all computed; anything
 else (first prefill chunks, recomputation after preemption) is a prefill chunk.
 
@@ -26,46 +23,19 @@ name says otherwise.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from blis_model.errors import ConfigError
+from blis_model.requests.replay import ReplayResult, ServerLimits, Workload, replay
+from blis_model.requests.scheduler import StepAggregates
+from blis_model.synth.from_replay import sim_requests, step_records
+from blis_model.synth.records import JourneyEvent, SimRequest, StepBatch, StepRecord
 
-
-@dataclass(frozen=True)
-class StepBatch:
-    """The composition of one scheduler step (what the step-time function sees).
-
-    ``prefills``: (chunk tokens t, context computed before the chunk c) per prefilling
-    request; ``decode_contexts``: tokens computed before the step per decoding request.
-    """
-
-    step_id: int
-    prefills: tuple[tuple[int, int], ...] = ()
-    decode_contexts: tuple[int, ...] = ()
-    prefill_ids: tuple[str, ...] = ()
-    decode_ids: tuple[str, ...] = ()
-
-    @property
-    def prefill_tokens(self) -> int:
-        return sum(t for t, _ in self.prefills)
-
-    @property
-    def prefill_ctx_tokens(self) -> int:
-        """Σ t·c over prefill chunks (tokens²)."""
-        return sum(t * c for t, c in self.prefills)
-
-    @property
-    def decode_count(self) -> int:
-        return len(self.decode_contexts)
-
-    @property
-    def decode_ctx_sum(self) -> int:
-        return sum(self.decode_contexts)
+__all__ = ["JourneyEvent", "LinearStepTime", "SimRequest", "SimResult", "StepBatch",
+           "StepRecord", "StepTimeFn", "SynthConfig", "make_requests", "simulate"]
 
 
 @dataclass(frozen=True)
@@ -90,15 +60,15 @@ class LinearStepTime:
     spike_scale: float = 0.2
     seed: int = 0
 
-    def mean_us(self, batch: StepBatch) -> float:
-        """The noise-free step time (µs)."""
-        linear = (self.base_us + self.prefill_token_us * batch.prefill_tokens
-                  + self.prefill_ctx_us * batch.prefill_ctx_tokens
-                  + self.decode_us * batch.decode_count
-                  + self.decode_ctx_us * batch.decode_ctx_sum)
+    def mean_us(self, batch: StepAggregates | StepBatch) -> float:
+        """The noise-free step time (µs) of a step's aggregates (or a :class:`StepBatch`)."""
+        linear = (self.base_us + self.prefill_token_us * batch.pf_tokens
+                  + self.prefill_ctx_us * batch.pf_ctx_tokens
+                  + self.decode_us * batch.dc_count
+                  + self.decode_ctx_us * batch.dc_ctx_sum)
         return max(self.floor_us, linear)
 
-    def __call__(self, batch: StepBatch) -> float:
+    def __call__(self, batch: StepAggregates | StepBatch) -> float:
         mean = self.mean_us(batch)
         if self.noise_sigma <= 0 and self.spike_prob <= 0:
             return mean
@@ -109,7 +79,8 @@ class LinearStepTime:
         return mean * factor
 
 
-StepTimeFn = Callable[[StepBatch], float]
+StepTimeFn = Callable[[StepAggregates], float]
+"""µs of one step from its aggregates (the step-table columns, ``requests.scheduler``)."""
 
 
 @dataclass(frozen=True)
@@ -194,79 +165,14 @@ class SynthConfig:
 
 
 @dataclass
-class JourneyEvent:
-    """One journey event as the engine would emit it (attributes decoded)."""
-
-    name: str  # QUEUED | SCHEDULED | FIRST_TOKEN | PREEMPTED | FINISHED
-    time_ns: int
-    step: int
-    attrs: dict[str, Any]
-
-
-@dataclass
-class SimRequest:
-    """A request's workload, scheduler state and ground-truth lifecycle."""
-
-    api_id: str
-    journey_id: str
-    arrival_ns: int
-    queued_ns: int
-    prompt: int
-    target_output: int
-    max_tokens: int
-    post_finish_us: float
-    computed: int = 0
-    output: int = 0
-    blocks: int = 0
-    preemptions: int = 0
-    scheduled_once: bool = False
-    prefix_group: int = -1  # shared prefix id, -1 for none
-    cached_blocks: int = 0  # blocks served by the prefix cache in the current stay
-    holds_prefix: bool = False  # its computed KV covers its group's full prefix blocks
-    waiting: bool = True
-    scheduled_ns: int | None = None
-    first_token_ns: int | None = None
-    finished_ns: int | None = None
-    departed_ns: int | None = None
-    queued_step: int = 0
-    scheduled_step: int | None = None
-    first_token_step: int | None = None
-    finished_step: int | None = None
-    events: list[JourneyEvent] = field(default_factory=list)
-
-    @property
-    def known_tokens(self) -> int:
-        return self.prompt + self.output
-
-    @property
-    def status(self) -> str:
-        return "length" if self.output >= self.max_tokens else "stopped"
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One executed step: its batch, timing (monotonic ns, integer µs) and summary."""
-
-    batch: StepBatch
-    ts_start_ns: int
-    duration_us: int
-    running_depth: int
-    waiting_depth: int
-    num_finished: int
-    num_preempted: int
-    blocks_free: int
-    snapshots: tuple[dict[str, Any], ...]
-
-    @property
-    def ts_end_ns(self) -> int:
-        return self.ts_start_ns + self.duration_us * 1000
-
-
-@dataclass
 class SimResult:
+    """The requests (in queue order) and steps of one experiment; ``replay`` is the engine
+    run they were derived from (its step table holds the same steps' aggregates)."""
+
     config: SynthConfig
     requests: list[SimRequest]
     steps: list[StepRecord]
+    replay: ReplayResult | None = None
 
 
 def _lengths(rng: np.random.Generator, n: int, median: float, sigma: float, lo: int, hi: int
@@ -315,197 +221,43 @@ def make_requests(config: SynthConfig, rng: np.random.Generator) -> list[SimRequ
     return requests
 
 
-class _Scheduler:
-    """vLLM-V1-style scheduling of one step (mutates request and KV state)."""
-
-    def __init__(self, config: SynthConfig) -> None:
-        self.config = config
-        self.free_blocks = config.num_gpu_blocks
-        self.waiting: deque[SimRequest] = deque()
-        self.running: list[SimRequest] = []
-        self.holders: dict[int, int] = {}  # prefix group → running requests holding it
-        bs = config.block_size
-        self.prefix_full = (config.prefix_tokens // bs) * bs if config.prefix_caching else 0
-
-    def cache_hit(self, req: SimRequest) -> int:
-        """Tokens of ``req`` served by the prefix cache on admission (full blocks, and at
-        least one prompt token left to compute)."""
-        if req.prefix_group < 0 or not self.holders.get(req.prefix_group):
-            return 0
-        bs = self.config.block_size
-        return min(self.prefix_full, ((req.prompt - 1) // bs) * bs)
-
-    def note_progress(self, req: SimRequest) -> None:
-        """Called after a step: a request whose KV now covers its prefix holds it."""
-        if (self.prefix_full and req.prefix_group >= 0 and not req.holds_prefix
-                and req.computed >= self.prefix_full):
-            req.holds_prefix = True
-            self.holders[req.prefix_group] = self.holders.get(req.prefix_group, 0) + 1
-
-    def _allocate(self, req: SimRequest, tokens: int) -> bool:
-        need = -(-(req.computed + tokens) // self.config.block_size) - req.blocks
-        if need > self.free_blocks:
-            return False
-        if need > 0:
-            self.free_blocks -= need
-            req.blocks += need
-        return True
-
-    def free(self, req: SimRequest) -> None:
-        self.free_blocks += req.blocks
-        req.blocks = req.cached_blocks = 0
-        if req.holds_prefix:
-            req.holds_prefix = False
-            self.holders[req.prefix_group] -= 1
-
-    def _preempt(self, victim: SimRequest) -> None:
-        self.free(victim)
-        victim.computed = 0
-        victim.preemptions += 1
-        victim.waiting = True
-        self.waiting.appendleft(victim)
-
-    def schedule(self) -> tuple[list[tuple[SimRequest, int, int]], list[SimRequest],
-                                list[SimRequest]]:
-        """(scheduled (request, tokens, computed before), newly admitted, preempted)."""
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[SimRequest, int, int]] = []
-        preempted: list[SimRequest] = []
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            tokens = min(req.known_tokens - req.computed, budget)
-            ok = True
-            while not self._allocate(req, tokens):
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is req:
-                    ok = False
-                    break
-            if not ok:
-                break
-            scheduled.append((req, tokens, req.computed))
-            budget -= tokens
-            i += 1
-        admitted: list[SimRequest] = []
-        if not preempted:
-            while (self.waiting and budget > 0
-                   and len(self.running) < self.config.max_num_seqs):
-                req = self.waiting[0]
-                hit = self.cache_hit(req)
-                req.computed, req.cached_blocks = hit, hit // self.config.block_size
-                tokens = min(req.known_tokens - req.computed, budget)
-                if not self._allocate(req, tokens):
-                    req.computed = req.cached_blocks = 0
-                    break
-                self.waiting.popleft()
-                req.waiting = False
-                self.running.append(req)
-                admitted.append(req)
-                scheduled.append((req, tokens, req.computed))
-                budget -= tokens
-        return scheduled, admitted, preempted
+def workload_of(config: SynthConfig, requests: list[SimRequest], t0_ns: int) -> Workload:
+    """The replay workload of ``requests`` (given in arrival order), times in µs from
+    ``t0_ns``, pre-queue overheads as drawn."""
+    group = np.array([r.prefix_group for r in requests], np.int64)
+    return Workload(
+        arrival_us=np.array([(r.arrival_ns - t0_ns) / 1e3 for r in requests]),
+        prompt_tokens=np.array([r.prompt for r in requests], np.int64),
+        output_tokens=np.array([r.target_output for r in requests], np.int64),
+        prefix_group=group,
+        prefix_tokens=np.where(group >= 0, config.prefix_tokens, 0),
+        pre_queue_us=np.array([(r.queued_ns - r.arrival_ns) / 1e3 for r in requests]))
 
 
-def is_decode(req: SimRequest, tokens: int, computed_before: int) -> bool:
-    """A decode feeds the last sampled token: 1 token, everything before it computed."""
-    return req.output >= 1 and tokens == 1 and computed_before == req.known_tokens - 1
-
-
-def _journey_attrs(req: SimRequest, kind: str, time_ns: int, step: int, phase: str
-                   ) -> dict[str, Any]:
-    return {"event.type": kind, "ts.monotonic": time_ns / 1e9, "ts.monotonic_ns": time_ns,
-            "scheduler.step": step, "phase": phase,
-            "prefill.done_tokens": min(req.computed, req.prompt),
-            "prefill.total_tokens": req.prompt, "decode.done_tokens": req.output,
-            "decode.max_tokens": req.max_tokens, "num_preemptions": req.preemptions}
-
-
-def _emit(req: SimRequest, kind: str, time_ns: int, step: int, phase: str,
-          **extra: Any) -> None:
-    attrs = _journey_attrs(req, kind, time_ns, step, phase)
-    attrs.update(extra)
-    req.events.append(JourneyEvent(kind, time_ns, step, attrs))
+def limits_of(config: SynthConfig) -> ServerLimits:
+    """The server of a synthetic experiment."""
+    return ServerLimits(max_num_batched_tokens=config.max_num_batched_tokens,
+                        max_num_seqs=config.max_num_seqs, block_size=config.block_size,
+                        num_gpu_blocks=config.num_gpu_blocks,
+                        prefix_caching=config.prefix_caching)
 
 
 def simulate(config: SynthConfig) -> SimResult:
-    """Run the simulation to completion of every request."""
+    """Draw the workload, replay it until every request finished, and derive the
+    journeys and per-step records from the replay's log. The engine clock starts at the
+    first queue entry; step durations are whole µs."""
     rng = np.random.default_rng(config.seed)
     requests = make_requests(config, rng)
-    sched = _Scheduler(config)
-    steps: list[StepRecord] = []
-    now, step_id, next_req, done = requests[0].queued_ns, 0, 0, 0
-    while done < len(requests):
-        while next_req < len(requests) and requests[next_req].queued_ns <= now:
-            req = requests[next_req]
-            req.queued_step = step_id
-            sched.waiting.append(req)
-            _emit(req, "QUEUED", req.queued_ns, step_id, "WAITING")
-            next_req += 1
-        if not sched.waiting and not sched.running:
-            now = requests[next_req].queued_ns
-            continue
-        scheduled, admitted, preempted = sched.schedule()
-        for victim in preempted:
-            _emit(victim, "PREEMPTED", now, step_id, "WAITING")
-        if not scheduled:
-            if preempted:
-                continue  # everything was preempted: reschedule from the queue
-            if next_req >= len(requests):
-                raise RuntimeError("simulator deadlock: nothing schedulable")  # config bug
-            now = max(now, requests[next_req].queued_ns)
-            continue
-        for req in admitted:
-            kind = "RESUME" if req.scheduled_once else "FIRST"
-            if not req.scheduled_once:
-                req.scheduled_once, req.scheduled_ns, req.scheduled_step = True, now, step_id
-            _emit(req, "SCHEDULED", now, step_id, "PREFILL", **{"schedule.kind": kind})
-        prefills, pf_ids, decodes, dc_ids, snaps = [], [], [], [], []
-        for req, tokens, before in scheduled:
-            decode = is_decode(req, tokens, before)
-            if decode:
-                decodes.append(before)
-                dc_ids.append(req.journey_id)
-            else:
-                prefills.append((tokens, before))
-                pf_ids.append(req.journey_id)
-            snaps.append({
-                "step.id": step_id, "request.id": req.journey_id,
-                "request.phase": "DECODE" if decode else "PREFILL",
-                "request.num_prompt_tokens": req.prompt,
-                "request.num_computed_tokens": before,
-                "request.num_output_tokens": req.output,
-                "request.num_preemptions": req.preemptions,
-                "request.scheduled_tokens_this_step": tokens,
-                "kv.blocks_allocated_gpu": req.blocks,
-                "kv.blocks_cached_gpu": req.cached_blocks})
-        batch = StepBatch(step_id, tuple(prefills), tuple(decodes), tuple(pf_ids), tuple(dc_ids))
-        duration_us = max(1, round(float(config.step_time_us(batch))))
-        end = now + duration_us * 1000
-        running_depth, waiting_depth, blocks_free = (len(sched.running), len(sched.waiting),
-                                                     sched.free_blocks)
-        finished = 0
-        for req, tokens, _ in scheduled:
-            req.computed += tokens
-            sched.note_progress(req)
-            if req.computed < req.known_tokens:
-                continue  # a prefill chunk that does not complete the known tokens
-            req.output += 1
-            if req.output == 1:
-                req.first_token_ns, req.first_token_step = end, step_id
-                _emit(req, "FIRST_TOKEN", end, step_id, "DECODE")
-            if req.output >= req.target_output:
-                req.finished_ns, req.finished_step = end, step_id
-                req.departed_ns = end + round(req.post_finish_us * 1e3)
-                _emit(req, "FINISHED", end, step_id, "DECODE",
-                      **{"finish.status": req.status})
-                sched.running.remove(req)
-                sched.free(req)
-                finished += 1
-                done += 1
-        steps.append(StepRecord(batch, now, duration_us, running_depth, waiting_depth,
-                                finished, len(preempted), blocks_free, tuple(snaps)))
-        now = end + round(config.step_gap_us * 1e3)
-        step_id += 1
-    return SimResult(config, requests, steps)
+    t0 = requests[0].queued_ns
+    law = config.step_time_us
+
+    def whole_us(agg: StepAggregates) -> float:
+        return float(max(1, round(float(law(agg)))))
+
+    by_arrival = sorted(requests, key=lambda r: r.arrival_ns)
+    workload = workload_of(config, by_arrival, t0)
+    result = replay(workload, limits_of(config), whole_us,
+                    step_gap_us=round(config.step_gap_us * 1e3) / 1e3, detail=True)
+    sim_requests(result, workload, by_arrival, t0)
+    steps = step_records(result, workload, by_arrival, t0, config.block_size)
+    return SimResult(config, requests, steps, result)

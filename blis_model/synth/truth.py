@@ -11,7 +11,8 @@ import yaml
 
 from blis_model.storage import join, write_bytes_atomic
 from blis_model.synth.otlp_writer import trace_lines
-from blis_model.synth.simulator import SimResult, StepBatch, SynthConfig, simulate
+from blis_model.synth.records import StepBatch
+from blis_model.synth.simulator import SimResult, SynthConfig, simulate
 
 
 @dataclass(frozen=True)
