@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from blis_model.dataset import feature_frame
+from blis_model.configuration.experiment import load_experiment
 from blis_model.errors import ConfigError
-from blis_model.experiment import load_experiment
+from blis_model.features.frame import feature_frame
 from blis_model.ingest.steps import COMPOSITION_COLUMNS, STEP_SCHEMA, SUMMARY_FIELDS
 from blis_model.requests.detail import member_aggregates, stay_table, step_members
 from blis_model.requests.kv import KVPool
