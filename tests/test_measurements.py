@@ -17,7 +17,7 @@ from builders import EXP_CONFIG, LLAMA_7B_CONFIG, write_experiment
 from blis_model.configuration.experiment import discover_experiments, load_experiment
 from blis_model.configuration.kinds import MEASUREMENTS, TRACES, experiment_kinds
 from blis_model.errors import ConfigError, CorpusError
-from blis_model.ingest.inference_perf import LoadStage, SharedPrefix, Workload
+from blis_model.ingest.inference_perf import LoadProfile, LoadStage, SharedPrefix
 from blis_model.ingest.measurements import (
     FORMAT_INFERENCE_PERF,
     FORMAT_REQUESTS,
@@ -34,7 +34,7 @@ REAL_CORPUS = Path(os.environ.get("BLIS_SHARED_CORPUS")
                    or REPO.parent / "shared" / "corpus" / "vllm-h100-requests")
 SERVER = {**EXP_CONFIG, "max_model_len": 4096, "block_size": 16, "num_gpu_blocks": 7462}
 OUTPUT_LEN = 100
-WORKLOAD = Workload(api_type="completion", streaming=True, ignore_eos=True,
+WORKLOAD = LoadProfile(api_type="completion", streaming=True, ignore_eos=True,
                     model_name=EXP_CONFIG["model"], data_type="shared_prefix",
                     load_type="constant",
                     stages=(LoadStage(0, 2.0, 10.0), LoadStage(1, 4.0, 10.0)),

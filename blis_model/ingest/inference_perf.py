@@ -9,7 +9,7 @@ and silently ran their defaults (10 × 10) when a profile used the new names —
 what every ``config.yaml`` of ``vllm-h100-requests`` shows. :func:`parse_workload` takes
 each fact from ``config.yaml`` when it has it (what ran), else from the profile, and
 reports every disagreement; the profile's shared-prefix block is kept as
-``Workload.declared_shared_prefix``.
+``LoadProfile.declared_shared_prefix``.
 
 **Native per-request report** (``per_request_lifecycle_metrics.json``): a JSON array with
 one object per request (inference-perf ``reportgen/base.py``)::
@@ -86,7 +86,7 @@ class SharedPrefix:
 
 
 @dataclass(frozen=True)
-class Workload:
+class LoadProfile:
     """The load generator's run facts (see the module doc for where each comes from)."""
 
     source: str = ""  # the file(s) read, e.g. "inference-perf/config.yaml + profile.yaml"
@@ -239,7 +239,7 @@ def _parse_one(cfg: Mapping, file: str) -> dict[str, Any]:
 
 def parse_workload(profile: Mapping | None, expanded: Mapping | None, *,
                    profile_file: str = "profile.yaml", expanded_file: str = "config.yaml"
-                   ) -> tuple[Workload | None, list[str]]:
+                   ) -> tuple[LoadProfile | None, list[str]]:
     """Merge ``profile.yaml`` (asked for) and inference-perf's ``config.yaml`` (ran): each
     fact from ``config.yaml`` when it has it, else from the profile. Returns the workload
     (None when neither is given) and one warning per disagreement."""
@@ -279,7 +279,7 @@ def parse_workload(profile: Mapping | None, expanded: Mapping | None, *,
                     "such key: the release that ran did not apply it")
     source = " + ".join(f for f, d in ((expanded_file, expanded), (profile_file, profile))
                         if d is not None)
-    return Workload(source=source, shared_prefix=shared,
+    return LoadProfile(source=source, shared_prefix=shared,
                     declared_shared_prefix=sp_asked if sp_asked != shared else None,
                     **merged), warnings
 

@@ -61,8 +61,8 @@ from blis_model.configuration.kinds import (
 )
 from blis_model.errors import ConfigError, CorpusError
 from blis_model.ingest.inference_perf import (
+    LoadProfile,
     NativeRequest,
-    Workload,
     parse_native_record,
     parse_workload,
 )
@@ -174,7 +174,7 @@ class Measurements:
     url: str
     source_format: str  # FORMAT_REQUESTS | FORMAT_INFERENCE_PERF
     server: ServerConfig
-    workload: Workload | None
+    workload: LoadProfile | None
     requests: pa.Table  # REQUEST_SCHEMA (+ token_times_us from native files)
     validation: MeasurementValidation
     summary_metrics: dict[str, Any] | None = None  # summary_lifecycle_metrics.json as read
@@ -392,7 +392,7 @@ def _n(v: float) -> str:
     return str(int(v)) if math.isfinite(v) else "unknown"
 
 
-def _build(c: _Columns, experiment: str, workload: Workload | None,
+def _build(c: _Columns, experiment: str, workload: LoadProfile | None,
            stage_counts: list[int] | None, tolerance: float, timing_factor: float,
            warnings: list[str], unmatched: int, max_examples: int = 3
            ) -> tuple[pa.Table, MeasurementValidation]:
@@ -463,7 +463,7 @@ def _build(c: _Columns, experiment: str, workload: Workload | None,
     return table, validation
 
 
-def _stages(c: _Columns, arrival: np.ndarray, order: np.ndarray, workload: Workload | None,
+def _stages(c: _Columns, arrival: np.ndarray, order: np.ndarray, workload: LoadProfile | None,
             stage_counts: list[int] | None, warnings: list[str]) -> np.ndarray:
     """Load stage per request (file order; −1 unknown): the file's own stage ids, else the
     stage reports' request counts taken in arrival order (exact for inference-perf, whose
@@ -491,7 +491,7 @@ def _stages(c: _Columns, arrival: np.ndarray, order: np.ndarray, workload: Workl
 # -- the two formats -----------------------------------------------------------------
 
 
-def _requests_format(fs: Any, path: str, folder: _Folder, name: str, workload: Workload | None,
+def _requests_format(fs: Any, path: str, folder: _Folder, name: str, workload: LoadProfile | None,
                      warnings: list[str]) -> tuple[_Columns, dict[str, Any], int]:
     req_name = next(f for f in REQUEST_FILES if f in folder.top)
     label = f"{name}/{req_name}"
@@ -573,7 +573,7 @@ def _requests_format(fs: Any, path: str, folder: _Folder, name: str, workload: W
 
 
 def _native_format(fs: Any, path: str, where: tuple[str, str], name: str,
-                   workload: Workload | None, token_times: bool) -> _Columns:
+                   workload: LoadProfile | None, token_times: bool) -> _Columns:
     label = f"{name}/{_rel(*where)}"
     data = _json(fs, f"{path}/{_rel(*where)}", label, name)
     if isinstance(data, Mapping):
@@ -638,7 +638,7 @@ def _num(value: Any) -> float | None:
 
 
 def _consistency(name: str, server: ServerConfig, metadata: Mapping[str, Any],
-                 workload: Workload | None, warnings: list[str]) -> None:
+                 workload: LoadProfile | None, warnings: list[str]) -> None:
     model = metadata.get("model_id")
     if model and str(model).lower() != server.model.lower():
         warnings.append(f"requests.json model_id {model} differs from {EXP_CONFIG} model "
@@ -831,7 +831,7 @@ def _server_mapping(exp_config: ServerConfig | Mapping[str, Any]) -> dict[str, A
 
 def write_measurements(url: str, requests: pa.Table | Sequence[Mapping[str, Any]], *,
                        exp_config: ServerConfig | Mapping[str, Any],
-                       workload: Workload | Mapping[str, Any] | None = None,
+                       workload: LoadProfile | Mapping[str, Any] | None = None,
                        hf_config: Mapping[str, Any] | None = None,
                        summary_metrics: Mapping[str, Any] | None = None,
                        stage_metrics: Mapping[int, Mapping[str, Any]] | None = None,
@@ -843,7 +843,7 @@ def write_measurements(url: str, requests: pa.Table | Sequence[Mapping[str, Any]
     ``input_tokens``, ``output_tokens_recorded`` (else ``output_tokens``: the count the
     client saw), ``has_error``, ``ttft_us``, ``e2e_us`` (µs; null when not measured).
     ``exp_config``: the ``exp-config.yaml`` mapping or a ServerConfig (``num_gpu_blocks``
-    included). ``workload``: profile facts (a Workload or a ``profile.yaml`` mapping),
+    included). ``workload``: profile facts (a LoadProfile or a ``profile.yaml`` mapping),
     written as ``inference-perf/profile.yaml``. ``hf_config`` → ``config.json``; summary and
     stage metrics → ``inference-perf/``. A request with neither TTFT nor E2E gets no
     ground-truth entry. ``exp-config.yaml`` is written last. Reading the folder back gives
@@ -900,7 +900,7 @@ def write_measurements(url: str, requests: pa.Table | Sequence[Mapping[str, Any]
     put(REQUEST_FILES[0], gz(doc))
     put(GROUND_TRUTH_FILES[0], gz(truth))
     if workload is not None:
-        profile = workload.to_profile() if isinstance(workload, Workload) else dict(workload)
+        profile = workload.to_profile() if isinstance(workload, LoadProfile) else dict(workload)
         put(f"inference-perf/{PROFILE_FILE}", yaml.safe_dump(profile, sort_keys=False).encode())
     if summary_metrics is not None:
         put(f"inference-perf/{SUMMARY_FILE}", json.dumps(summary_metrics, indent=2).encode())

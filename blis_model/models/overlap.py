@@ -152,6 +152,20 @@ class Overlap(ConfigCoefficientSets):
         g = design(X, self.gpu_features) @ tg
         return overlap_time(g, design(X, self.cpu_features) @ tc, self.power)
 
+    def linear_parts(self, config_key: str | None
+                     ) -> tuple[list[tuple[Sequence[str], np.ndarray]], Any]:
+        """The GPU and the CPU expert (each Σ θ·features) of the configuration's set and
+        their smooth max (for the replay's compiled step time, ``requests.step_time``)."""
+        tg, tc = self._split(self.coefficients_for(config_key))
+        power = float(self.power)
+
+        def combine(values: Sequence[float]) -> float:  # overlap_time, one step
+            g, c = values
+            m = max(g, c, 1e-12)
+            return m * ((g / m) ** power + (c / m) ** power) ** (1.0 / power)
+
+        return [(tuple(self.gpu_features), tg), (tuple(self.cpu_features), tc)], combine
+
     def gpu_cpu_us(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """The two experts' times (µs) per step, global coefficients."""
         tg, tc = self._split(self.coef_)

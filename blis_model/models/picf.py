@@ -66,6 +66,12 @@ class PICF(ConfigCoefficientSets):
     def _predict_with(self, X: pd.DataFrame, coef: np.ndarray) -> np.ndarray:
         return design(X, self.features) @ coef
 
+    def linear_parts(self, config_key: str | None
+                     ) -> tuple[list[tuple[Sequence[str], np.ndarray]], Any]:
+        """One part, Σ β·features, with the configuration's set (for the replay's
+        compiled step time, ``requests.step_time``)."""
+        return [(tuple(self.features), self.coefficients_for(config_key))], _first
+
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,3 +88,7 @@ class PICF(ConfigCoefficientSets):
         model = cls(**params)
         model._restore_sets(data)
         return model
+
+
+def _first(values: Sequence[float]) -> float:
+    return values[0]
