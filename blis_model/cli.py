@@ -213,6 +213,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def _accuracy_table(manifest: dict[str, Any], title: str) -> Table:
     metrics = manifest.get("metrics") or {}
+    if metrics.get("request_replay"):
+        return _replay_fit_table(metrics["request_replay"], title)
     proj = ((metrics.get("blis_projection") or {}).get("per_experiment")) or {}
     table = Table(title=title, title_justify="left")
     for col in ("experiment", "steps", "in-sample MAPE %", "temporal MAPE %", "LOO MAPE %",
@@ -229,6 +231,48 @@ def _accuracy_table(manifest: dict[str, Any], title: str) -> Table:
     table.add_row("mean", _fmt(s.get("steps")), _fmt(s.get("in_sample_mape")),
                   _fmt(s.get("temporal_mape")), _fmt(s.get("loo_mape")),
                   _fmt(ps.get("projection_mape")), style="bold")
+    return table
+
+
+def _replay_fit_table(replay: dict[str, Any], title: str) -> Table:
+    """A request fit's accuracy: TTFT / ITL / E2E MAPE % per experiment, in-sample and
+    leave one experiment out."""
+    table = Table(title=title + " — replayed vs measured request latencies (MAPE %)",
+                  title_justify="left")
+    for col in ("experiment", "requests", "TTFT", "ITL", "E2E", "LOO TTFT", "LOO ITL",
+                "LOO E2E", "completed sim / measured"):
+        table.add_column(col, justify="left" if col == "experiment" else "right")
+    loo = replay.get("leave_one_experiment_out") or {}
+    for name, t in sorted((replay.get("in_sample") or {}).items()):
+        acc, fold = t["accuracy"], (loo.get(name) or {}).get("accuracy") or {}
+        table.add_row(name + (" (overloaded)" if t.get("overloaded") else ""),
+                      _fmt(t.get("targets")),
+                      *(_fmt(acc[m]["mape"]) for m in ("ttft", "itl", "e2e")),
+                      *(_fmt((fold.get(m) or {}).get("mape")) for m in ("ttft", "itl", "e2e")),
+                      f"{t.get('completed_simulated')} / {t.get('completed_measured')}")
+    s = replay.get("summary") or {}
+    table.add_row("mean (not overloaded)", "",
+                  *(_fmt(s.get(f"in_sample_{m}_mape")) for m in ("ttft", "itl", "e2e")),
+                  *(_fmt(s.get(f"loo_{m}_mape")) for m in ("ttft", "itl", "e2e")), "",
+                  style="bold")
+    return table
+
+
+def _replay_table(reports: dict[str, dict[str, Any]], title: str) -> Table:
+    """``blis-model replay``'s table: per experiment, TTFT / ITL / E2E MAPE % and the
+    simulated vs measured mean, p50, p90, p99 (ms)."""
+    table = Table(title=title, title_justify="left")
+    for col in ("experiment", "metric", "MAPE %", "mean sim/meas", "p50 sim/meas",
+                "p90 sim/meas", "p99 sim/meas", "completed sim/meas"):
+        table.add_column(col, justify="left" if col in ("experiment", "metric") else "right")
+    for name, r in sorted(reports.items()):
+        for m in ("ttft", "itl", "e2e"):
+            d = r["distribution_ms"][m]
+            table.add_row(name, m.upper(), _fmt(r["accuracy"][m]["mape"]),
+                          *(f"{_fmt(d[f'simulated_{k}'], 1)} / {_fmt(d[f'measured_{k}'], 1)}"
+                            for k in ("mean", "p50", "p90", "p99")),
+                          f"{r['completed_simulated']} / {r['completed_measured']}"
+                          if m == "ttft" else "")
     return table
 
 
@@ -394,6 +438,65 @@ def _progress_lines(verbose: bool) -> Iterator[None]:
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+
+
+@app.command()
+def replay(release: Annotated[str, typer.Argument(help="Release URL (folder with manifest.json).")],
+           workload: Annotated[str, typer.Argument(
+               help="Folder or URL of request-measurement experiments (requests.json[.gz], "
+                    "ground_truth.json[.gz] optional).")],
+           out: Annotated[str, typer.Option("--out", help="CSV file to write (path or URL).")],
+           blis: Annotated[str | None, typer.Option(
+               "--blis", help="Also replay with this BLIS binary and the release's "
+                              "defaults.yaml, and print BLIS's table next to ours.")] = None,
+           default_hardware: HardwareOpt = None,
+           report: Annotated[str | None, typer.Option(
+               "--report", help="Also write the per-experiment tables as JSON here.")]
+           = None) -> None:
+    """Replay every experiment of WORKLOAD through vLLM's scheduler with RELEASE's step
+    model and alphas; write one row per request (experiment,index,ttft_us,e2e_us,itl_us,
+    queue_us,steps,status) to --out, print the accuracy tables when the experiments have
+    ground truth, and print --out (last line)."""
+    with _user_errors(), _stdout_to_stderr():
+        location = _replay(release, workload, out, blis, default_hardware, report)
+    typer.echo(location)
+
+
+def _replay(release_url: str, workload: str, out: str, blis: str | None,
+            default_hardware: str | None, report_url: str | None) -> str:
+    from blis_model.requests.measured import load_measured
+    from blis_model.requests.replay_release import ROW_COLUMNS, replay_rows, replay_workload
+
+    rel = _load_release(release_url)
+    options = storage_options_for(workload)
+    with err.status("discovering experiments"):
+        names = featurization.experiment_names(workload, options)
+        items = [load_measured(workload, n, options, default_hardware) for n in names]
+    with err.status(f"replaying {len(items)} experiment(s) with release {rel.version}"):
+        results = replay_workload(items, rel.model, rel.alphas)
+    frames = [pd.DataFrame(replay_rows(item, replayed)) for item, replayed, _ in results]
+    data = pd.concat(frames, ignore_index=True).to_csv(index=False, columns=list(ROW_COLUMNS))
+    write_bytes_atomic(out, data.encode(), storage_options_for(out))
+    reports = {item.name: r for item, _, r in results if r is not None}
+    steps = sum(replayed.steps for _, replayed, _ in results)
+    seconds = sum(replayed.seconds for _, replayed, _ in results)
+    err.print(f"{steps} steps replayed in {seconds:.1f} s ({steps / max(seconds, 1e-9):,.0f} "
+              "steps/s)", markup=False)
+    if reports:
+        err.print(_replay_table(reports, f"release {rel.version} replayed (TTFT / ITL / E2E; "
+                                         "ms for the distribution)"))
+    if blis:
+        from blis_model.requests.blis_binary import run_blis
+
+        blis_reports = run_blis(blis, rel, items, workload)
+        if blis_reports:
+            err.print(_replay_table(blis_reports, f"BLIS ({blis}) with the release's "
+                                                  "defaults.yaml"))
+        reports = {"blis-model": reports, "blis": blis_reports}
+    if report_url:
+        write_bytes_atomic(report_url, (json.dumps(reports, indent=2, default=float) + "\n"
+                                        ).encode(), storage_options_for(report_url))
+    return out
 
 
 @releases_app.command("list")

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
+from blis_model.calibration import replay_recipe
 from blis_model.calibration.cache import featurize_cached
 from blis_model.calibration.evaluation import (
     evaluate,
@@ -34,23 +35,23 @@ from blis_model.calibration.featurize import (
     split_overloaded,
     training_frame,
 )
+from blis_model.calibration.plan import Plan, plan
 from blis_model.calibration.selection import (
     Folds,
     Selection,
-    candidate_families,
     choose_family,
     completed,
     validate,
 )
 from blis_model.configuration.experiment import Experiment, load_experiment
+from blis_model.configuration.kinds import MEASUREMENTS, TRACES, experiment_kinds
 from blis_model.errors import BlisModelError
 from blis_model.models.base import StepTimeModel
-from blis_model.models.registry import AUTO_FAMILY, check_family, make_model
+from blis_model.models.registry import AUTO_FAMILY, make_model
 from blis_model.releases.build import build_release, release_version
-from blis_model.releases.read import Release, load_release
 from blis_model.releases.store import publish
 from blis_model.requests.stage import RequestSettings, RequestStage, request_stage
-from blis_model.storage import check_reachable, redact, storage_options_for
+from blis_model.storage import join, redact, storage_options_for
 
 log = logging.getLogger(__name__)
 
@@ -61,34 +62,6 @@ them): what a user watches, without every task's log line."""
 Progress = Callable[[str], None]
 """Called with a short description as each step starts (a CLI status line, a log)."""
 
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A calibration run resolved before any work: where from, where to, which family
-    (``auto`` = choose by validation), the release to calibrate (``base``) and the
-    request-level settings. ``cache``: reuse featurizations under ``<store>/cache/``."""
-
-    corpus: str
-    store: str
-    family: str = AUTO_FAMILY
-    base: Release | None = None
-    default_hardware: str | None = None
-    settings: RequestSettings = field(default_factory=RequestSettings)
-    cache: bool = True
-
-    @property
-    def families(self) -> list[str]:
-        """The families to validate: every candidate for ``auto``, else the one."""
-        return candidate_families() if self.family == AUTO_FAMILY else [self.family]
-
-    @property
-    def base_model(self) -> StepTimeModel | None:
-        return self.base.model if self.base is not None else None
-
-    @property
-    def base_version(self) -> str | None:
-        return self.base.version if self.base is not None else None
 
 
 @dataclass(frozen=True)
@@ -123,19 +96,6 @@ class Training:
 
 
 # ------------------------------------------------------------------------------ steps
-
-
-def plan(corpus: str, store: str, family: str = AUTO_FAMILY, base: str | None = None,
-         default_hardware: str | None = None, settings: RequestSettings | None = None,
-         cache: bool = True) -> Plan:
-    """Resolve a run and fail before any work: an unreachable store (StorageError), an
-    unknown family (ValueError naming the known ones), an unreadable ``base`` release
-    (ReleaseError). With ``base`` the family is the base release's."""
-    check_reachable(store, storage_options_for(store))
-    base_release = load_release(base, storage_options_for(base)) if base else None
-    family = base_release.family if base_release else check_family(family)
-    return Plan(corpus, store, family, base_release, default_hardware,
-                settings or RequestSettings(), cache)
 
 
 def discover(p: Plan) -> list[str]:
@@ -252,10 +212,13 @@ def calibrate(corpus: str, store: str, *, family: str = AUTO_FAMILY, base: str |
     return its URL — every step of the recipe, in this process."""
     say = progress or (lambda _: None)
     p = plan(corpus, store, family, base, default_hardware, settings, cache)
+    traces, measured = split_kinds(p, discover(p))
     everything = []
-    for name in discover(p):
+    for name in traces:
         say(f"featurize {name}")
         everything.append(featurize_experiment(p, name)[0])
+    if measured:
+        return calibrate_from_requests(p, measured, everything, say)
     training = select_training(p, everything)
     family, selection = p.family, None
     say("validate " + ", ".join(p.families) + " (leave-one-experiment-out, temporal holdout)")
@@ -277,7 +240,40 @@ def calibrate(corpus: str, store: str, *, family: str = AUTO_FAMILY, base: str |
                    evaluation, stage, learning)
 
 
+def split_kinds(p: Plan, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(experiments with step/journey traces, experiments with client request
+    measurements and no traces) — a corpus may mix both."""
+    options = storage_options_for(p.corpus)
+    traces, measured = [], []
+    for name in names:
+        kinds = experiment_kinds(p.corpus if name == "." else join(p.corpus, name), options)
+        (measured if MEASUREMENTS in kinds and TRACES not in kinds else traces).append(name)
+    return traces, measured
+
+
+def calibrate_from_requests(p: Plan, names: Sequence[str], traced: Sequence[Featurized],
+                            say: Progress, loo: bool = True) -> str:
+    """The request-measurement recipe (``calibration.replay_recipe``): fit by replay,
+    evaluate (in-sample, leave one experiment out), release. A PICF fit on the corpus's
+    step traces (``traced``), when there are some, is the prior; else ``--base``."""
+    if p.family not in (AUTO_FAMILY, "picf"):
+        raise ValueError(f"request measurements are fit as family picf (a linear step law "
+                         f"the replay fit solves for), not {p.family}")
+    prior = None
+    if traced:
+        say("fit the step traces' PICF model: the prior of the request fit")
+        prior = fit_model(select_training(p, traced).frame, "picf")
+    say(f"load {len(names)} request-measurement experiment(s)")
+    items = replay_recipe.load_items(p, names)
+    say("fit by replay (replay → robust linear fit → replay)")
+    result = replay_recipe.fit(p, items, prior=prior)
+    say("evaluate by replay (in-sample, leave one experiment out)")
+    evaluation = replay_recipe.evaluate(items, result, loo=loo)
+    say("build and publish the release")
+    return replay_recipe.release(p, items, result, evaluation)
+
+
 __all__ = ["PROGRESS_LOGGER", "Folds", "Plan", "Progress", "Training", "calibrate",
            "choose_family", "completed", "curve", "discover", "featurize_experiment", "fit",
            "has_specialists", "plan", "release", "report", "request_level", "select_training",
-           "validate", "warn_ingest"]
+           "split_kinds", "validate", "warn_ingest"]

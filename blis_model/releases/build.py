@@ -148,7 +148,8 @@ def build_release(model: StepTimeModel, frame: pd.DataFrame, experiments: Sequen
                   alphas: Sequence[float] | None = None, alpha_source: str | None = None,
                   request_level: Mapping[str, Any] | None = None,
                   learning_curve: Sequence[Mapping[str, float]] | None = None,
-                  with_plots: bool = True) -> dict[str, bytes]:
+                  with_plots: bool = True, images: Mapping[str, bytes] | None = None
+                  ) -> dict[str, bytes]:
     """Every file of a release (relative path → bytes); see the module docstring.
 
     ``reports`` are the experiments' ``IngestReport`` (or their ``to_dict()``);
@@ -161,7 +162,9 @@ def build_release(model: StepTimeModel, frame: pd.DataFrame, experiments: Sequen
     configuration, request validation per experiment) goes to the manifest, its alphas
     to coefficients.json too. ``learning_curve`` (``calibration.evaluation.
     learning_curve``'s points, computed by the recipe) goes to the manifest and its plot.
-    ``with_plots`` draws ``plots/*.png`` (about 1 s). Nothing here fits a model.
+    ``with_plots`` draws the step plots ``plots/*.png`` (about 1 s) — when ``frame``'s
+    durations are measured; ``images`` adds drawn plots (e.g. a request fit's latency
+    CDFs, relative path → PNG). Nothing here fits a model.
     """
     created = (created_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).replace(microsecond=0)
     version = version or new_version(created)
@@ -223,11 +226,13 @@ def build_release(model: StepTimeModel, frame: pd.DataFrame, experiments: Sequen
         **({"request_level": dict(request_level)} if request_level else {}),
         "files": {},
     }
+    drawn = dict(images or {})
     if with_plots:
         predicted = np.asarray(model.predict(frame), dtype=np.float64)
-        images = plots.release_plots(frame, predicted, learning_curve)
-        files.update(images)
-        manifest["plots"] = {"files": sorted(images)}
+        drawn.update(plots.release_plots(frame, predicted, learning_curve))
+    if drawn:
+        files.update(drawn)
+        manifest["plots"] = {"files": sorted(drawn)}
     if learning_curve is not None:
         manifest.setdefault("plots", {})["learning_curve"] = list(learning_curve)
     coefficients = json.loads(files[COEFFICIENTS])

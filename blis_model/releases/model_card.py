@@ -107,6 +107,49 @@ def _section_accuracy(metrics: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _section_replay(metrics: Mapping[str, Any]) -> list[str]:
+    """A request fit's accuracy: TTFT / ITL / E2E of the replayed requests against the
+    measured ones, in-sample and leave one experiment out, and the fit's convergence."""
+    replay = metrics.get("request_replay") or {}
+    if not replay:
+        return []
+    s = replay.get("summary") or {}
+    out = ["## Accuracy (request latencies replayed vs measured, MAPE %)", "",
+           "Every experiment's measured arrivals and tokens replayed through vLLM's "
+           "scheduler with this release's step model and alphas; the fit used "
+           f"{', '.join(f'`{n}`' for n in s.get('trained_on') or [])}.", ""]
+    for key, title in (("in_sample", "In-sample"),
+                       ("leave_one_experiment_out", "Leave one experiment out (fit on the "
+                                                    "others)")):
+        tables = replay.get(key) or {}
+        if not tables:
+            continue
+        rows = []
+        for name, t in sorted(tables.items()):
+            acc = t.get("accuracy") or {}
+            dist = t.get("distribution_ms") or {}
+            rows.append([name + (" (overloaded)" if t.get("overloaded") else ""),
+                         t.get("targets"),
+                         *(_num((acc.get(m) or {}).get("mape")) for m in ("ttft", "itl", "e2e")),
+                         f"{_num((dist.get('ttft') or {}).get('simulated_p90'))} / "
+                         f"{_num((dist.get('ttft') or {}).get('measured_p90'))}",
+                         f"{t.get('completed_simulated')} / {t.get('completed_measured')}"])
+        prefix = "in_sample" if key == "in_sample" else "loo"
+        rows.append(["**mean (not overloaded)**", "",
+                     *(_num(s.get(f"{prefix}_{m}_mape")) for m in ("ttft", "itl", "e2e")), "",
+                     ""])
+        out += [f"### {title}", "", *_table(
+            ["experiment", "requests scored", "TTFT", "ITL", "E2E",
+             "TTFT p90 ms sim / measured", "completed sim / measured"], rows), ""]
+    conv = replay.get("convergence") or {}
+    if conv:
+        its = conv.get("iterations") or []
+        out += [f"Fit: {conv.get('method')}; {len(its) - 1} round(s), objective "
+                + " → ".join(_num(i.get("objective")) for i in its)
+                + f"; stopped: {conv.get('stopped')} ({_num(conv.get('seconds'), 1)} s).", ""]
+    return out
+
+
 KeyPath = tuple[str, ...]
 _SKIP_KEYS = {"family", "params", "features"}
 
@@ -270,7 +313,7 @@ def _section_requests(m: Mapping[str, Any]) -> list[str]:
     metrics = (m.get("metrics") or {}).get("request_level") or {}
     if not block and not metrics:
         return []
-    out = ["## Request level (journey + API traces)", ""]
+    out = ["## Request level", ""]
     alphas = block.get("alphas") or {}
     if alphas.get("fit"):
         rows = [["pooled (defaults.yaml)", _coef(alphas["pooled"]["alpha0_us"]),
@@ -283,13 +326,17 @@ def _section_requests(m: Mapping[str, Any]) -> list[str]:
                          "requests"], rows), ""]
     exps = block.get("experiments") or {}
     if exps:
-        rows = [[name, r["validation"]["n_requests"], r["validation"]["n_failed"],
+        rows = [[name, r["validation"]["n_requests"],
+                 r["validation"].get("n_failed", r["validation"].get("n_invalid")),
                  ", ".join(f"{k}={v}" for k, v in r["validation"]["reasons"].items()) or "–",
-                 r.get("steps_reconstructed", 0), _num(r["overload"].get("wait_growth")),
+                 r.get("steps_reconstructed", "–"),
+                 _num((r.get("overload") or {}).get("wait_growth")),
                  "yes" if r.get("overloaded") else "no"] for name, r in sorted(exps.items())]
         out += [*_table(["experiment", "requests", "failed validation", "reasons",
                          "steps rebuilt from journeys", "queue wait growth", "overloaded"],
                         rows), ""]
+        notes = [(name, note) for name, r in sorted(exps.items()) for note in r.get("notes", [])]
+        out += [f"- `{name}`: {note}" for name, note in notes] + ([""] if notes else [])
     for name, why in sorted((block.get("excluded") or {}).items()):
         out.append(f"- `{name}` excluded from training: {why}")
     if block.get("excluded"):
@@ -340,7 +387,9 @@ def render(manifest: Mapping[str, Any], coefficients: Mapping[str, Any]) -> str:
              "## Purpose", "", PURPOSE, ""]
     lines += _section_release(manifest)
     lines += _section_data(manifest)
-    lines += _section_accuracy(manifest.get("metrics") or {})
+    metrics = manifest.get("metrics") or {}
+    lines += (_section_replay(metrics) if metrics.get("request_replay")
+              else _section_accuracy(metrics))
     lines += _section_plots(manifest)
     lines += _section_coefficients(manifest, coefficients)
     lines += _section_blis(manifest, coefficients)

@@ -127,6 +127,33 @@ def learning_curve_plot(points: Sequence[Mapping[str, float]], title: str = "") 
     return _png(fig)
 
 
+LATENCY_TITLES = {"ttft": "TTFT", "itl": "ITL (per output token)", "e2e": "E2E"}
+
+
+def latency_cdfs(data: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]]) -> bytes:
+    """Simulated (dashed) vs measured (solid) CDFs of TTFT, ITL and E2E (ms, log x), one
+    colour per experiment: ``data[experiment][metric] = (simulated µs, measured µs)``."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, metric in zip(axes, LATENCY_TITLES, strict=True):
+        for j, (name, series) in enumerate(sorted(data.items())):
+            sim, meas = (np.sort(np.asarray(v, np.float64)[np.isfinite(v)]) / 1e3
+                         for v in series[metric])
+            colour = colours[j % len(colours)]
+            for values, style, who in ((meas, "-", "measured"), (sim, "--", "simulated")):
+                if len(values):
+                    ax.plot(values, np.arange(1, len(values) + 1) / len(values), style,
+                            color=colour, linewidth=1.2,
+                            label=f"{name} ({who})" if metric == "ttft" else None)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{LATENCY_TITLES[metric]} (ms)")
+        ax.set_ylabel("share of requests")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=6, loc="lower right")
+    fig.suptitle("replayed (dashed) vs measured (solid) request latencies")
+    return _png(fig)
+
+
 def release_plots(frame: pd.DataFrame, predictions: np.ndarray,
                   learning: Sequence[Mapping[str, float]] | None = None) -> dict[str, bytes]:
     """The plots of a release: ``{"plots/<name>.png": PNG bytes}`` (see module doc)."""
@@ -137,5 +164,5 @@ def release_plots(frame: pd.DataFrame, predictions: np.ndarray,
     return out
 
 
-__all__ = ["PLOTS_DIR", "REGIMES", "error_by_regime", "learning_curve_plot",
+__all__ = ["PLOTS_DIR", "REGIMES", "error_by_regime", "latency_cdfs", "learning_curve_plot",
            "predicted_vs_measured", "regimes", "release_plots"]

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from blis_model.configuration.defaults import BLIS_SHIPPED_ALPHAS
 from blis_model.errors import ReleaseError
 from blis_model.models.base import StepTimeModel
 from blis_model.models.registry import model_from_dict
@@ -38,6 +39,19 @@ class Release:
     @property
     def config_keys(self) -> set[str]:
         return {e["config_key"] for e in self.manifest.get("experiments", [])}
+
+    def alphas(self, config_key: str | None = None) -> tuple[float, float, float]:
+        """BLIS's alphas (α0 µs, α1 µs, α2 µs/output token) for a configuration: those
+        fit on its requests when the release has them, else the release's pooled ones
+        (``defaults.yaml``'s), else BLIS's shipped defaults."""
+        per_config = ((self.coefficients.get("request_alphas") or {}).get("per_config")
+                      or {})
+        fit = per_config.get(config_key) if config_key else None
+        if fit:
+            return (float(fit["alpha0_us"]), float(fit["alpha1_us"]), float(fit["alpha2_us"]))
+        pooled = (self.manifest.get("blis") or {}).get("alpha_coeffs") or BLIS_SHIPPED_ALPHAS
+        a0, a1, a2 = (float(a) for a in pooled)
+        return (a0, a1, a2)
 
 
 def read_file(url: str, name: str, options: dict | None = None) -> bytes:

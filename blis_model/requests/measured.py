@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blis_model.configuration.experiment import Experiment
+from blis_model.configuration.experiment import Experiment, load_experiment
 from blis_model.errors import ConfigError, CorpusError
-from blis_model.ingest.measurements import Measurements
+from blis_model.ingest.measurements import Measurements, load_measurements
 from blis_model.requests.workload import ServerLimits, Workload
 
 #: An experiment is overloaded when this share of its requests timed out at the client,
@@ -150,4 +150,15 @@ def measured_experiment(experiment: Experiment, m: Measurements) -> MeasuredExpe
                               is_overloaded(m), tuple(notes))
 
 
-__all__ = ["MeasuredExperiment", "is_overloaded", "measured_experiment", "server_limits"]
+def load_measured(corpus_url: str, name: str, options: dict | None = None,
+                  default_hardware: str | None = None) -> MeasuredExperiment:
+    """Experiment ``name`` of a corpus (its configuration and its measurements) ready to
+    replay."""
+    experiment = load_experiment(corpus_url, name, options, default_hardware)
+    measurements = load_measurements(corpus_url, name, options,
+                                     default_hardware=default_hardware)
+    return measured_experiment(experiment, measurements)
+
+
+__all__ = ["MeasuredExperiment", "is_overloaded", "load_measured", "measured_experiment",
+           "server_limits"]

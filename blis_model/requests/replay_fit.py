@@ -16,10 +16,15 @@ replayed latencies get closer to the measured ones — a workload near saturatio
 the map steep (a model 3% too slow queues forever), and the line search keeps every
 accepted iterate stable. Every iteration is recorded (the convergence report).
 
-Coefficients: one β and one α per configuration (its experiments' requests, ridge toward
-the prior) and a global β, α over every configuration (what an unseen configuration
-uses). The result is a PICF model (``models.picf``), so a request-fit release is read,
-projected onto BLIS's basis and evaluated like any other.
+Coefficients: each configuration has its own GEMM efficiency (``gemm_roofline_us``'s
+correction: kernels differ by model shape) and its own α0; every other term — memory
+traffic, attention, communication, and the host's µs per kernel launch, per request,
+per step — belongs to the machine and is shared by the configurations it serves, as are
+α1 and α2. A configuration seen only at low load then borrows, from the others, the
+terms its data cannot tell (what grows with batch size). The global law (an unseen
+configuration) has a pooled GEMM efficiency. The result is a PICF model
+(``models.picf``), so a request-fit release is read, projected onto BLIS's basis and
+evaluated like any other.
 """
 
 from __future__ import annotations
@@ -34,23 +39,25 @@ import numpy as np
 import pyarrow as pa
 from scipy.optimize import lsq_linear
 
-from blis_model.features.frame import feature_context
 from blis_model.features.physics import PHYSICS_FEATURES
-from blis_model.features.registry import compute
-from blis_model.metrics import summary
 from blis_model.models.base import correction_mask, priors
 from blis_model.models.picf import PICF
+from blis_model.requests.latency import (
+    Alphas,
+    Replayed,
+    accuracy,
+    latency_table,
+    run_replay,
+)
 from blis_model.requests.measured import MeasuredExperiment
 from blis_model.requests.replay import replay
-from blis_model.requests.scheduler import AGGREGATES, StepAggregates
+from blis_model.requests.scheduler import StepAggregates, StepTime
 from blis_model.requests.step_time import compile_part
 
 log = logging.getLogger(__name__)
 
-Alphas = tuple[float, float, float]  # BLIS order: α0 µs, α1 µs, α2 µs per output token
 GLOBAL = "global"
 MIN_STEP_US = 1.0  # a trial law may price a tiny step at 0: no GPU step is that short
-LATENCIES = ("ttft", "itl", "e2e")
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,9 @@ class ReplayFitSettings:
     to a proposal tried in turn (the first that improves the objective is taken);
     ``tolerance``: stop when the objective improves by less (relative); ``ridge``:
     pseudo-requests (as a share of the rows) pulling each GPU correction toward its
-    prior (counts: a vanishing pull that only splits collinear costs); ``ttft_weight``:
-    weight
+    prior (counts: a vanishing pull that only splits collinear costs);
+    ``config_features``: the terms each configuration fits on its own (None: every
+    ``correction`` feature), the others are shared; ``ttft_weight``: weight
     of TTFT MAPE next to E2E MAPE in the objective; ``cap``: per-experiment MAPE cap in
     the objective (a saturated replay counts as 100%, not 10⁵%)."""
 
@@ -71,7 +79,7 @@ class ReplayFitSettings:
     damping: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
     tolerance: float = 1e-3
     ridge: float = 0.01
-    config_features: tuple[str, ...] | None = None
+    config_features: tuple[str, ...] | None = ("gemm_roofline_us",)
     ttft_weight: float = 0.2
     cap: float = 100.0
     irls_iterations: int = 30
@@ -138,70 +146,30 @@ def initial_law(keys: Sequence[str], prior: PICF | None = None,
 # ------------------------------------------------------------------------------ replay
 
 
-@dataclass(frozen=True)
-class Replayed:
-    """One experiment replayed with one law: the replay's requests (``requests.replay``
-    REQUEST_SCHEMA), predicted TTFT / ITL / E2E (µs) per request, and the per-request
-    feature sums of the fit targets that finished (decode window ``xd``, prefill window
-    ``xt``, queue ``wait`` µs, output tokens ``n``; measured ``yd = E2E − TTFT`` and
-    ``yt = TTFT − wait`` µs)."""
+def law_step_time(item: MeasuredExperiment, law: StepLaw) -> StepTime:
+    """The law's step time on ``item``'s configuration, compiled (exact, a few µs a
+    step); a step takes at least :data:`MIN_STEP_US`."""
+    part = compile_part(law.features, law.for_config(item.config_key)[0], item.experiment,
+                        item.limits.max_num_batched_tokens)
 
-    name: str
-    config_key: str
-    steps: int
-    seconds: float
-    requests: pa.Table
-    predicted: dict[str, np.ndarray]
-    xd: np.ndarray
-    xt: np.ndarray
-    n: np.ndarray
-    yd: np.ndarray
-    yt: np.ndarray
-    wait: np.ndarray
+    def step_time(agg: StepAggregates) -> float:
+        return max(part(agg), MIN_STEP_US)
 
-
-def step_features(steps: pa.Table, item: MeasuredExperiment, features: Sequence[str]
-                  ) -> np.ndarray:
-    """The (steps × features) matrix of a replay's step table."""
-    cols = {c: steps.column(c).to_numpy() for c in AGGREGATES}
-    return compute(list(features), cols, feature_context(item.experiment))
+    return step_time
 
 
 def replay_with(item: MeasuredExperiment, law: StepLaw) -> Replayed:
-    """Replay ``item`` with its configuration's β (compiled, exact) and α."""
-    coef, alphas = law.for_config(item.config_key)
-    part = compile_part(law.features, coef, item.experiment,
-                        item.limits.max_num_batched_tokens)
+    """Replay ``item`` with its configuration's β and α, with the per-request feature
+    sums the fit solves on."""
+    return run_replay(item, law_step_time(item, law), law.for_config(item.config_key)[1],
+                      law.features)
 
-    def step_time(agg: StepAggregates) -> float:  # a step takes at least 1 µs
-        return max(part(agg), MIN_STEP_US)
 
-    result = replay(item.workload_with(alphas[0]), item.limits, step_time,
-                    experiment=item.name)
-    req = result.requests
-    status = np.asarray(req.column("status").to_numpy(zero_copy_only=False))
-    done = status == "finished"
-    n_out = req.column("output_tokens").to_numpy().astype(np.float64)
-    arrival = req.column("arrival_us").to_numpy()
-    first = req.column("first_token_us").to_numpy()
-    finish = req.column("finished_us").to_numpy()
-    _, a1, a2 = alphas
-    ttft = np.where(done, first + a2 - arrival, np.nan)
-    e2e = np.where(done, finish - arrival + a1 + a2 * n_out, np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        itl = np.where(n_out > 1, (e2e - ttft) / (n_out - 1), np.nan)
-    F = step_features(result.steps, item, law.features)
-    C = np.vstack([np.zeros(F.shape[1]), np.cumsum(F, axis=0)])
-    use = item.targets & done
-    s = req.column("scheduled_step").to_numpy(zero_copy_only=False)[use].astype(np.int64)
-    f = req.column("first_token_step").to_numpy(zero_copy_only=False)[use].astype(np.int64)
-    e = req.column("finished_step").to_numpy(zero_copy_only=False)[use].astype(np.int64)
-    wait = (req.column("scheduled_us").to_numpy() - req.column("queued_us").to_numpy())[use]
-    m_ttft, m_e2e = item.ttft_us[use], item.e2e_us[use]
-    return Replayed(item.name, item.config_key, result.stats.steps, result.stats.seconds, req,
-                    {"ttft": ttft, "itl": itl, "e2e": e2e}, xd=C[e + 1] - C[f + 1],
-                    xt=C[f + 1] - C[s], n=n_out[use], yd=m_e2e - m_ttft, yt=m_ttft - wait,
-                    wait=wait)
+def replay_steps(item: MeasuredExperiment, law: StepLaw) -> pa.Table:
+    """The step table (``ingest.steps.STEP_SCHEMA``) of ``item`` replayed with ``law``."""
+    alphas = law.for_config(item.config_key)[1]
+    return replay(item.workload_with(alphas[0]), item.limits, law_step_time(item, law),
+                  experiment=item.name).steps
 
 
 Replayer = Callable[[Sequence[MeasuredExperiment], StepLaw], list[Replayed]]
@@ -212,31 +180,7 @@ def replay_all(items: Sequence[MeasuredExperiment], law: StepLaw) -> list[Replay
     return [replay_with(item, law) for item in items]
 
 
-# --------------------------------------------------------------------------- accuracy
-
-
-def measured_latencies(item: MeasuredExperiment) -> dict[str, np.ndarray]:
-    """Measured TTFT / ITL / E2E per request, µs (ITL over the generated tokens)."""
-    n = item.workload.output_tokens.astype(np.float64)
-    ttft, e2e = item.ttft_us, item.e2e_us
-    with np.errstate(invalid="ignore", divide="ignore"):
-        itl = np.where(n > 1, (e2e - ttft) / (n - 1), np.nan)
-    return {"ttft": ttft, "itl": itl, "e2e": e2e}
-
-
-def accuracy(item: MeasuredExperiment, replayed: Replayed, cap: float | None = None
-             ) -> dict[str, dict[str, float]]:
-    """TTFT / ITL / E2E: MAPE, median and p90 APE (%) over the fit targets; a target the
-    replay never finished counts ``cap`` % (excluded when ``cap`` is None)."""
-    measured = measured_latencies(item)
-    out = {}
-    for m in LATENCIES:
-        pred, truth = replayed.predicted[m][item.targets], measured[m][item.targets]
-        if cap is not None:
-            pred = np.where(np.isfinite(pred), pred, truth * (1 + cap / 100.0))
-        keep = np.isfinite(pred) & np.isfinite(truth) & (truth > 0)
-        out[m] = summary(pred[keep], truth[keep])
-    return out
+# --------------------------------------------------------------------------- objective
 
 
 def objective(items: Sequence[MeasuredExperiment], replays: Sequence[Replayed],
@@ -306,23 +250,23 @@ def propose(replays: Sequence[Replayed], law: StepLaw, prior: StepLaw,
             settings: ReplayFitSettings) -> StepLaw:
     """The next law, from one joint robust fit of every request's E2E − TTFT.
 
-    A configuration's GPU terms (the ``correction`` features: its kernels' efficiency
-    against the datasheet) are its own; the host terms (``overhead`` counts: µs per
-    kernel launch, per request, per step, per MoE layer) are the machine's and shared by
-    every configuration served by it, as are α1 and α2 (with near-constant output
-    lengths they are collinear with one configuration's step sums). α0 is per
-    configuration. The global law (an unseen configuration) has the GPU terms of a
-    pooled fit with the shared host terms."""
+    A configuration's own terms (``settings.config_features``: its GEMM efficiency
+    against the datasheet) are fit on its requests; every other term (memory traffic,
+    attention, communication; the host's µs per kernel launch, per request, per step,
+    per MoE layer) is the machine's and shared by every configuration, as are α1 and α2
+    (with near-constant output lengths they are collinear with one configuration's step
+    sums). α0 is per configuration. The global law (an unseen configuration) has the
+    own terms of a pooled fit with the shared ones held."""
     feats = law.features
     p = len(feats)
-    gpu = (correction_mask(feats) if settings.config_features is None
+    own = (correction_mask(feats) if settings.config_features is None
            else np.isin(np.asarray(feats), settings.config_features))
-    host = ~gpu
+    shared = ~own
     keys = [k for k in law.coef if k != GLOBAL and any(
         r.config_key == k and len(r.yd) for r in replays)]
     if not keys:
         return law
-    ng, nh = int(gpu.sum()), int(host.sum())
+    no, ns = int(own.sum()), int(shared.sum())
     blocks, targets = [], []
     for c, key in enumerate(keys):
         part = [r for r in replays if r.config_key == key and len(r.yd)]
@@ -330,39 +274,40 @@ def propose(replays: Sequence[Replayed], law: StepLaw, prior: StepLaw,
         n = np.concatenate([r.n for r in part])
         yd = np.concatenate([r.yd for r in part])
         keep = yd > 0
-        row = np.zeros((int(keep.sum()), len(keys) * ng + nh + 2))
-        row[:, c * ng:(c + 1) * ng] = xd[keep][:, gpu]
-        row[:, len(keys) * ng:len(keys) * ng + nh] = xd[keep][:, host]
+        row = np.zeros((int(keep.sum()), len(keys) * no + ns + 2))
+        row[:, c * no:(c + 1) * no] = xd[keep][:, own]
+        row[:, len(keys) * no:len(keys) * no + ns] = xd[keep][:, shared]
         row[:, -2] = 1.0
         row[:, -1] = n[keep] - 1
         blocks.append(row / yd[keep, None])
         targets.append(np.ones(int(keep.sum())))
     A, y = np.vstack(blocks), np.concatenate(targets)
     anchor = prior.coef[GLOBAL]
-    target = np.concatenate([*[anchor[gpu]] * len(keys), anchor[host], [0.0, 0.0]])
-    shared_corr = correction_mask(feats)[host]
-    pen = np.concatenate([np.full(len(keys) * ng, settings.ridge),
-                          np.where(shared_corr, settings.ridge, 1e-6), [1e-6, 1e-6]]) * len(A)
+    target = np.concatenate([*[anchor[own]] * len(keys), anchor[shared], [0.0, 0.0]])
+    shared_is_correction = correction_mask(feats)[shared]
+    pen = np.concatenate([np.full(len(keys) * no, settings.ridge),
+                          np.where(shared_is_correction, settings.ridge, 1e-6),
+                          [1e-6, 1e-6]]) * len(A)
     x = _robust_bounded(A, y, target, pen, np.zeros(A.shape[1]), np.full(A.shape[1], np.inf),
                         settings.irls_iterations)
-    shared_host, a1, a2 = x[len(keys) * ng:len(keys) * ng + nh], float(x[-2]), float(x[-1])
+    shared_coef, a1, a2 = x[len(keys) * no:len(keys) * no + ns], float(x[-2]), float(x[-1])
     coef, alphas = {}, {}
     for c, key in enumerate(keys):
         beta = np.zeros(p)
-        beta[gpu], beta[host] = x[c * ng:(c + 1) * ng], shared_host
+        beta[own], beta[shared] = x[c * no:(c + 1) * no], shared_coef
         part = [r for r in replays if r.config_key == key]
         coef[key], alphas[key] = beta, (_alpha0(part, beta, a2), a1, a2)
-    # the global GPU terms: one pooled fit with the host terms and α1, α2 held fixed
+    # the global own terms: one pooled fit with the shared terms and α1, α2 held fixed
     xd = np.vstack([r.xd for r in replays if len(r.yd)])
     n = np.concatenate([r.n for r in replays if len(r.yd)])
     yd = np.concatenate([r.yd for r in replays if len(r.yd)])
     keep = yd > 0
-    rest = yd[keep] - xd[keep][:, host] @ shared_host - a1 - a2 * (n[keep] - 1)
-    G = xd[keep][:, gpu] / rest[:, None]
-    g = _robust_bounded(G, np.ones(len(G)), anchor[gpu], np.full(ng, settings.ridge) * len(G),
-                        np.zeros(ng), np.full(ng, np.inf), settings.irls_iterations)
+    rest = yd[keep] - xd[keep][:, shared] @ shared_coef - a1 - a2 * (n[keep] - 1)
+    G = xd[keep][:, own] / rest[:, None]
+    g = _robust_bounded(G, np.ones(len(G)), anchor[own], np.full(no, settings.ridge) * len(G),
+                        np.zeros(no), np.full(no, np.inf), settings.irls_iterations)
     beta = np.zeros(p)
-    beta[gpu], beta[host] = g, shared_host
+    beta[own], beta[shared] = g, shared_coef
     coef[GLOBAL] = beta
     alphas[GLOBAL] = (_alpha0(list(replays), beta, a2), a1, a2)
     for key in law.coef:  # configurations with no usable request keep their law
@@ -460,34 +405,6 @@ def fit_from_requests(items: Sequence[MeasuredExperiment], settings: ReplayFitSe
     return ReplayFit(law, replays, iterations, stopped, time.perf_counter() - started)
 
 
-# -------------------------------------------------------------------------- evaluation
-
-
-def latency_table(item: MeasuredExperiment, replayed: Replayed) -> dict[str, Any]:
-    """One experiment's request-level report: TTFT / ITL / E2E accuracy over the fit
-    targets, simulated vs measured mean / p50 / p90 / p99 (ms) over the requests both
-    completed, and completion counts."""
-    measured = measured_latencies(item)
-    status = np.asarray(replayed.requests.column("status").to_numpy(zero_copy_only=False))
-    completed = ~np.asarray(item.measurements.requests.column("has_error").to_numpy(
-        zero_copy_only=False), bool)
-    both = completed & (status == "finished")
-    stats: dict[str, Any] = {}
-    for m in LATENCIES:
-        sim, meas = replayed.predicted[m][both], measured[m][both]
-        ok = np.isfinite(sim) & np.isfinite(meas)
-        stats[m] = {f"{who}_{k}": (float(np.mean(v[ok])) if k == "mean" else
-                                   float(np.percentile(v[ok], int(k[1:])))) / 1e3
-                    if ok.any() else None
-                    for who, v in (("simulated", sim), ("measured", meas))
-                    for k in ("mean", "p50", "p90", "p99")}
-    return {"accuracy": accuracy(item, replayed), "distribution_ms": stats,
-            "requests": len(status), "targets": int(item.targets.sum()),
-            "completed_simulated": int((status == "finished").sum()),
-            "completed_measured": int(completed.sum()), "overloaded": item.overloaded,
-            "steps": replayed.steps}
-
-
 def leave_one_out(items: Sequence[MeasuredExperiment], settings: ReplayFitSettings,
                   prior: PICF | None = None, start: StepLaw | None = None,
                   replayer: Replayer = replay_all, configuration: bool = False
@@ -510,7 +427,6 @@ def leave_one_out(items: Sequence[MeasuredExperiment], settings: ReplayFitSettin
     return out
 
 
-__all__ = ["GLOBAL", "LATENCIES", "Iteration", "ReplayFit", "ReplayFitSettings", "Replayed",
-           "Replayer", "StepLaw", "accuracy", "fit_from_requests", "initial_law",
-           "latency_table", "leave_one_out", "measured_latencies", "objective", "replay_all",
-           "replay_with"]
+__all__ = ["GLOBAL", "Iteration", "ReplayFit", "ReplayFitSettings", "Replayer", "StepLaw",
+           "fit_from_requests", "initial_law", "law_step_time", "leave_one_out", "objective",
+           "replay_all", "replay_steps", "replay_with"]
