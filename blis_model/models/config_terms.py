@@ -215,10 +215,13 @@ def moved_terms(names: Sequence[str], global_values: np.ndarray, values: np.ndar
             at = "lower"
         elif math.isfinite(hi) and hi > 0 and v >= hi * (1 - 1e-6):
             at = "upper"
-        ratio = v / g if g > 0 else None
-        moved = (abs(ratio - 1.0) > tolerance) if ratio is not None else v > 0
+        # a global value too small to count (range [0, whole step]) is 0
+        zero = g <= 0 or (lo == 0 and math.isfinite(hi) and g <= ZERO_SHARE * hi)
+        ratio = None if zero else v / g
+        moved = (abs(ratio - 1.0) > tolerance) if ratio is not None else (
+            v > ZERO_SHARE * hi if math.isfinite(hi) else v > 0)
         if moved or at:
-            out.append({"term": name, "global": g, "config": v, "ratio": ratio,
+            out.append({"term": name, "global": 0.0 if zero else g, "config": v, "ratio": ratio,
                         "range": [lo, hi if math.isfinite(hi) else None], "at_bound": at})
     return out
 

@@ -130,10 +130,15 @@ class Overlap(ConfigCoefficientSets):
             return jacobian(_scatter(free, active, theta))[:, active]
 
         x0 = np.clip(theta[active], lower[active], upper[active])
-        result = least_squares(free_residuals, x0, jac=free_jacobian,
-                               bounds=(lower[active], upper[active]), x_scale="jac",
-                               max_nfev=self.max_iterations, method="trf")
-        return _scatter(result.x, active, theta)
+        lo, hi = lower[active], upper[active]
+        result = least_squares(free_residuals, x0, jac=free_jacobian, bounds=(lo, hi),
+                               x_scale="jac", max_nfev=self.max_iterations, method="trf")
+        # the interior-point solver stops a hair inside an active bound: a coefficient
+        # whose distance to its bound is < 1e-10 of a step (RMS) IS at the bound
+        s = scale[active]
+        x = np.where((result.x - lo) * s < 1e-10, lo, result.x)
+        x = np.where((hi - x) * s < 1e-10, hi, x)
+        return _scatter(x, active, theta)
 
     def _start(self, G: np.ndarray, C: np.ndarray, y: np.ndarray, prior: np.ndarray
                ) -> np.ndarray:
