@@ -17,7 +17,7 @@ from blis_model.metrics import summary
 from blis_model.models import config_terms
 from blis_model.models.config_terms import (
     choose,
-    fold_indices,
+    cv_folds,
     term_bounds,
     time_blocks,
 )
@@ -102,15 +102,20 @@ def test_too_few_steps_keep_the_reference(family: str) -> None:
     np.testing.assert_allclose(calibrated.predict(frame), base.predict(frame), rtol=1e-12)
 
 
-def test_rolling_origin_folds_by_step_id_within_each_experiment() -> None:
+def test_blocked_folds_and_drift_guard_by_step_id_within_each_experiment() -> None:
     frame = pd.DataFrame({"experiment": ["a"] * 10 + ["b"] * 5,
                           "step_id": [*range(9, -1, -1), *range(5)]})
     blocks = time_blocks(frame)
     assert blocks[:10].tolist() == [4, 4, 3, 3, 2, 2, 1, 1, 0, 0]  # by step id, not rows
     assert blocks[10:].tolist() == [0, 1, 2, 3, 4]
-    assert fold_indices([10, 10, 10, 10, 10]) == [1, 2, 3, 4]
-    assert fold_indices([5, 5, 5, 5, 5]) == [2, 3, 4]  # train ≥ 10 steps
-    assert fold_indices([3, 3, 3, 3, 3]) == []
+    folds, guard = cv_folds([10, 10, 10, 10, 10])
+    assert folds == [((1, 2, 3, 4), 0), ((0, 2, 3, 4), 1), ((0, 1, 3, 4), 2),
+                     ((0, 1, 2, 4), 3), ((0, 1, 2, 3), 4)]
+    assert guard == ((0, 1, 2, 3), 4)  # the last block from the earlier ones only
+    folds, guard = cv_folds([3, 3, 3, 3, 3])  # validation blocks < 5 steps
+    assert folds == [] and guard is None
+    folds, guard = cv_folds([6, 6, 6, 0, 0])
+    assert [f[1] for f in folds] == [0, 1, 2] and guard == ((0, 1), 2)
 
 
 def test_one_standard_error_rules() -> None:
@@ -127,6 +132,12 @@ def test_one_standard_error_rules() -> None:
     errors = {"none": [2.0, 2.1, 2.0, 2.2], "scale": [1.0, 1.02, 0.98, 1.0],
               "terms@200": [0.99, 1.03, 0.97, 0.99], "terms@50": [1.01, 1.0, 1.0, 1.02]}
     assert choose(errors, order)[0] == "scale"
+    # ... unless the drift guard says the last block disagrees
+    guard = {"none": 1.0, "scale": 1.2, "terms@200": 0.9, "terms@50": 1.5}
+    assert choose(errors, order, guard=guard)[0] == "terms@200"
+    guard = {"none": 1.0, "scale": 1.2, "terms@200": 1.1, "terms@50": 1.5}
+    label, reason = choose(errors, order, guard=guard)
+    assert label == "none" and "drift guard" in reason
 
 
 # -- property: calibration never hurts ---------------------------------------------------

@@ -16,22 +16,31 @@ way for every family.
   worth λ steps, for λ = the family's ``config_prior_steps`` × (4, 1, 1/4) (strong →
   weak).
 
-**Cross-validation, time-ordered.** Steps are autocorrelated, so folds are never random
+**Cross-validation by time blocks.** Steps are autocorrelated, so folds are never random
 rows: each experiment's steps (by step id) are cut into :data:`N_BLOCKS` contiguous
-blocks of equal size; fold k trains on blocks 0…k−1 and validates on block k (rolling
-origin, expanding window — what calibrating on the first steps and predicting the rest
-does). A fold needs ≥ :data:`MIN_TRAIN_STEPS` training and ≥ :data:`MIN_VALID_STEPS`
-validation steps; with fewer than two such folds the configuration keeps ``none``.
+blocks of equal size (:func:`time_blocks`).
+
+* *Blocked folds* (:func:`cv_folds`): each block is validated once by the candidate fit
+  on the other blocks — every fold trains on ~80% of the steps, so the CV judges terms
+  fit on about as many steps as the final ones (a rolling origin, whose first folds
+  train on 20%, would judge flexible candidates by fits on a fifth of the data).
+* *Drift guard*: the last block, predicted by the candidate fit on the blocks BEFORE it
+  only (rolling origin) — what calibrating on the first steps and predicting the rest
+  does. A candidate that loses to ``none`` there is not taken: the configuration's
+  recent steps disagree with what its earlier ones say.
+
+A fold needs ≥ :data:`MIN_TRAIN_STEPS` training and ≥ :data:`MIN_VALID_STEPS`
+validation steps; with fewer than two blocked folds the configuration keeps ``none``.
 The error is the mean squared relative error (ŷ/y − 1)² on the validation block — the
 loss the families' terms minimise, and computable from sufficient statistics, so PICF
 selects from shard statistics exactly as from frames.
 
 **Choice (one-standard-error rules, :func:`choose`).** A candidate replaces ``none`` only
-when its paired improvement over ``none`` (per fold) exceeds one standard error of that
-improvement; among those that do, the simplest within one standard error of the best is
-chosen. A more flexible candidate must win clearly and consistently across folds, so a
-configuration whose law matches the base (or differs by a scale) keeps ``none`` (or
-``scale``).
+when its paired improvement over ``none`` (per blocked fold) exceeds one standard error
+of that improvement and it does not lose to ``none`` on the drift guard; among those
+that do, the simplest within one standard error of the best is chosen. A more flexible
+candidate must win clearly and consistently across folds, so a configuration whose law
+matches the base (or differs by a scale) keeps ``none`` (or ``scale``).
 
 **Physical ranges (box constraints in the solvers, never clipping).** Each term t with
 global value g_t (the pooled fit's, or the physical neutral value of a scale: 1) may
@@ -72,9 +81,11 @@ ZERO_SHARE = 1e-6
 """A global term contributing less than this share of a step (RMS) counts as zero."""
 SELECTIONS: tuple[str, ...] = ("cv", "terms")
 METRIC = "mean squared relative error (prediction / duration - 1)^2 per validation block"
-RULE = ("time-ordered rolling-origin CV over 5 blocks of each experiment's steps; a "
-        "candidate replaces 'none' only when it beats it by more than one standard error "
-        "(paired over folds); of those, the simplest within one standard error of the best")
+RULE = ("blocked CV over 5 contiguous blocks of each experiment's steps (by step id; each "
+        "block validated by the fit on the others) plus a drift guard (the last block "
+        "predicted from the earlier ones); a candidate replaces 'none' only when it beats it "
+        "by more than one standard error (paired over folds) and not worse on the guard; of "
+        "those, the simplest within one standard error of the best")
 
 
 def check_selection(value: str) -> str:
@@ -127,14 +138,24 @@ def block_of_positions(n: int, n_blocks: int = N_BLOCKS) -> np.ndarray:
     return (np.arange(n, dtype=np.int64) * n_blocks) // max(n, 1)
 
 
-def fold_indices(counts: Sequence[float], min_train: int = MIN_TRAIN_STEPS,
-                 min_valid: int = MIN_VALID_STEPS) -> list[int]:
-    """Validation blocks k of the usable rolling-origin folds (train: blocks < k)."""
-    out = []
-    for k in range(1, len(counts)):
-        if sum(counts[:k]) >= min_train and counts[k] >= min_valid:
-            out.append(k)
-    return out
+Fold = tuple[tuple[int, ...], int]
+"""(training blocks, validation block)."""
+
+
+def cv_folds(counts: Sequence[float], min_train: int = MIN_TRAIN_STEPS,
+             min_valid: int = MIN_VALID_STEPS) -> tuple[list[Fold], Fold | None]:
+    """(blocked folds, drift guard) for blocks holding ``counts`` steps: every block k
+    with ≥ ``min_valid`` steps, trained on the others (≥ ``min_train`` steps); the guard
+    validates the last non-empty block on the blocks before it (None when too small)."""
+    total = float(sum(counts))
+    blocks = range(len(counts))
+    folds = [(tuple(b for b in blocks if b != k), k) for k in blocks
+             if counts[k] >= min_valid and total - counts[k] >= min_train]
+    last = max((k for k in blocks if counts[k] > 0), default=None)
+    guard = None
+    if last is not None and counts[last] >= min_valid and sum(counts[:last]) >= min_train:
+        guard = (tuple(range(last)), last)
+    return folds, guard
 
 
 def cv_subsample(n: int, max_steps: int = CV_MAX_STEPS) -> np.ndarray:
@@ -229,14 +250,15 @@ def moved_terms(names: Sequence[str], global_values: np.ndarray, values: np.ndar
 # -------------------------------------------------------------------------- the choice
 
 
-def choose(errors: Mapping[str, Sequence[float]], order: Sequence[str], se_factor: float = 1.0
-           ) -> tuple[str, str]:
+def choose(errors: Mapping[str, Sequence[float]], order: Sequence[str], se_factor: float = 1.0,
+           guard: Mapping[str, float] | None = None) -> tuple[str, str]:
     """(chosen label, reason) from paired per-fold errors; ``order[0]`` is the reference
     (``none``), the rest in order of flexibility.
 
     1. A candidate *qualifies* when its paired improvement over the reference, averaged
        over folds, exceeds ``se_factor`` standard errors of that improvement (it wins
-       clearly and consistently, not by luck of one fold).
+       clearly and consistently, not by luck of one fold), and its ``guard`` error (the
+       drift guard's) is not above the reference's.
     2. No qualifier: the reference. Else, of the qualifiers, the simplest whose paired
        excess over the best qualifier is within one standard error of that excess.
     """
@@ -250,11 +272,20 @@ def choose(errors: Mapping[str, Sequence[float]], order: Sequence[str], se_facto
         return float(d.mean()), se
 
     tiny = 1e-9 * max(means[ref], 1e-12)  # ties broken the same way on every machine
-    qualified = [c for c in order[1:] if excess(ref, c)[0] > se_factor * excess(ref, c)[1] + tiny]
+    better = [c for c in order[1:] if excess(ref, c)[0] > se_factor * excess(ref, c)[1] + tiny]
+    drifting = [c for c in better
+                if guard is not None and guard[c] > guard[ref] * (1 + 1e-9) + 1e-15]
+    qualified = [c for c in better if c not in drifting]
     if not qualified:
         best = min(order, key=lambda c: (means[c], order.index(c)))
         if best == ref:
             return ref, f"lowest CV error ({_pct(means[ref])} RMS relative error)"
+        if drifting:
+            assert guard is not None
+            return ref, (f"{drifting[0]} beats it over the folds ({_pct(means[drifting[0]])} "
+                         f"vs {_pct(means[ref])}) but not on the last block predicted from "
+                         f"the earlier ones ({_pct(guard[drifting[0]])} vs "
+                         f"{_pct(guard[ref])}): drift guard")
         return ref, (f"no candidate beats it by more than one standard error over the folds "
                      f"(best {best}: {_pct(means[best])} vs {_pct(means[ref])})")
     best = min(qualified, key=lambda c: (means[c], order.index(c)))
@@ -273,17 +304,20 @@ def _pct(mse: float) -> str:
     return f"{100.0 * math.sqrt(max(mse, 0.0)):.2f}%"
 
 
-def record(steps: int, folds: Sequence[int], errors: Mapping[str, Sequence[float]],
+def record(steps: int, folds: Sequence[Fold], errors: Mapping[str, Sequence[float]],
            cands: Sequence[Candidate], choice: Candidate, reason: str,
-           scale: float | None = None) -> dict[str, Any]:
+           scale: float | None = None, guard: Mapping[str, float] | None = None
+           ) -> dict[str, Any]:
     """The JSON record of one configuration's choice (released per configuration)."""
     rows = []
     for c in cands:
         e = errors.get(c.label)
+        g = None if guard is None else guard.get(c.label)
         rows.append({"candidate": c.label,
                      "cv_rmsre_pct": (None if e is None else
                                       100.0 * math.sqrt(max(float(np.mean(e)), 0.0))),
-                     "fold_msre": None if e is None else [float(v) for v in e]})
+                     "fold_msre": None if e is None else [float(v) for v in e],
+                     "guard_msre": None if g is None else float(g)})
     out: dict[str, Any] = {"steps": int(steps), "folds": len(folds), "candidates": rows,
                            "choice": choice.label, "reason": reason}
     if choice.kind == "scale":
@@ -354,32 +388,39 @@ def select_terms(family: TermsFamily, X: pd.DataFrame, y: np.ndarray, key: str,
     order = order[cv_subsample(len(order), max_steps)]
     Xc, yc, bc = X.iloc[order], y[order], blocks[order]
     counts = [float((bc == b).sum()) for b in range(N_BLOCKS)]
-    folds = fold_indices(counts)
+    folds, guard_fold = cv_folds(counts)
     if len(folds) < 2:
         rec = record(len(y), folds, {}, cands, cands[0],
                      f"too few steps for time-ordered cross-validation ({len(y)}): "
                      "the reference terms are kept")
         return Selection(cands[0], None, rec)
     base = family._terms_predict(Xc, reference)
-    errors: dict[str, list[float]] = {c.label: [] for c in cands}
-    for k in folds:
-        train, valid = bc < k, bc == k
-        errors["none"].append(msre(base[valid], yc[valid]))
+
+    def fold_errors(fold: Fold) -> dict[str, float]:
+        train, valid = np.isin(bc, fold[0]), bc == fold[1]
+        out = {"none": msre(base[valid], yc[valid])}
         s = scale_factor(base[train], yc[train], kappa)
-        errors["scale"].append(msre(s * base[valid], yc[valid]))
+        out["scale"] = msre(s * base[valid], yc[valid])
         Xt, yt, Xv = Xc.iloc[np.flatnonzero(train)], yc[train], Xc.iloc[np.flatnonzero(valid)]
         for c in cands[2:]:
             terms = family._terms_fit(Xt, yt, reference, float(c.prior_steps))
-            errors[c.label].append(msre(family._terms_predict(Xv, terms), yc[valid]))
-    label, reason = choose(errors, [c.label for c in cands])
+            out[c.label] = msre(family._terms_predict(Xv, terms), yc[valid])
+        return out
+
+    per_fold = [fold_errors(f) for f in folds]
+    errors = {c.label: [e[c.label] for e in per_fold] for c in cands}
+    guard = fold_errors(guard_fold) if guard_fold is not None else None
+    label, reason = choose(errors, [c.label for c in cands], guard=guard)
     chosen = next(c for c in cands if c.label == label)
-    return finish(family, X, y, reference, chosen, cands, folds, errors, reason, kappa)
+    return finish(family, X, y, reference, chosen, cands, folds, errors, reason, kappa,
+                  guard=guard)
 
 
 def finish(family: TermsFamily, X: pd.DataFrame, y: np.ndarray, reference: Any,
-           chosen: Candidate, cands: Sequence[Candidate], folds: Sequence[int],
+           chosen: Candidate, cands: Sequence[Candidate], folds: Sequence[Fold],
            errors: Mapping[str, Sequence[float]], reason: str, kappa: float,
-           scale_fn: Callable[[], float] | None = None) -> Selection:
+           scale_fn: Callable[[], float] | None = None,
+           guard: Mapping[str, float] | None = None) -> Selection:
     """Refit the chosen candidate on every step and build its record."""
     terms, s = None, None
     if chosen.kind == "scale":
@@ -388,7 +429,7 @@ def finish(family: TermsFamily, X: pd.DataFrame, y: np.ndarray, reference: Any,
         terms = family._terms_scaled(reference, s)
     elif chosen.kind == "terms":
         terms = family._terms_fit(X, y, reference, float(chosen.prior_steps))
-    rec = record(len(y), folds, errors, cands, chosen, reason, s)
+    rec = record(len(y), folds, errors, cands, chosen, reason, s, guard)
     return Selection(chosen, terms, _with_moved(family, rec, terms, X, y))
 
 

@@ -29,11 +29,12 @@ from blis_model.models.config_terms import (
     KAPPA,
     N_BLOCKS,
     Candidate,
+    Fold,
     Selection,
     candidates,
     check_selection,
     choose,
-    fold_indices,
+    cv_folds,
     moved_terms,
     msre_from_stats,
     record,
@@ -101,23 +102,29 @@ class PICF(ConfigCoefficientSets):
             coef = self.terms_from_stats(total, reference, float(self.config_prior_steps))
             rec = record(steps, [], {}, [fixed], fixed, "config_selection='terms'")
             return Selection(fixed, coef, self._with_moved(rec, coef, total))
-        folds = fold_indices([b.sum_w for b in blocks])
+        folds, guard_fold = cv_folds([b.sum_w for b in blocks])
         if len(folds) < 2:
             rec = record(steps, folds, {}, cands, cands[0],
                          f"too few steps for time-ordered cross-validation ({steps}): "
                          "the reference terms are kept")
             rec["moved"] = []
             return Selection(cands[0], None, rec)
-        errors: dict[str, list[float]] = {c.label: [] for c in cands}
-        for k in folds:
-            train, valid = sum(blocks[1:k], blocks[0]), blocks[k]
-            errors["none"].append(msre_from_stats(valid, reference))
+
+        def fold_errors(fold: Fold) -> dict[str, float]:
+            train = sum((blocks[b] for b in fold[0][1:]), blocks[fold[0][0]])
+            valid = blocks[fold[1]]
+            out = {"none": msre_from_stats(valid, reference)}
             s = scale_from_stats(train, reference, self.config_bound)
-            errors["scale"].append(msre_from_stats(valid, s * reference))
+            out["scale"] = msre_from_stats(valid, s * reference)
             for c in cands[2:]:
                 coef = self.terms_from_stats(train, reference, float(c.prior_steps))
-                errors[c.label].append(msre_from_stats(valid, coef))
-        label, reason = choose(errors, [c.label for c in cands])
+                out[c.label] = msre_from_stats(valid, coef)
+            return out
+
+        per_fold = [fold_errors(f) for f in folds]
+        errors = {c.label: [e[c.label] for e in per_fold] for c in cands}
+        guard = fold_errors(guard_fold) if guard_fold is not None else None
+        label, reason = choose(errors, [c.label for c in cands], guard=guard)
         chosen = next(c for c in cands if c.label == label)
         coef, s = None, None
         if chosen.kind == "scale":
@@ -125,7 +132,7 @@ class PICF(ConfigCoefficientSets):
             coef = s * reference
         elif chosen.kind == "terms":
             coef = self.terms_from_stats(total, reference, float(chosen.prior_steps))
-        rec = record(steps, folds, errors, cands, chosen, reason, s)
+        rec = record(steps, folds, errors, cands, chosen, reason, s, guard)
         return Selection(chosen, coef, self._with_moved(rec, coef, total))
 
     def _with_moved(self, rec: dict[str, Any], coef: np.ndarray | None, stats: RelativeGram

@@ -110,9 +110,13 @@ def bounded_quadratic(H: np.ndarray, c: np.ndarray, lower: np.ndarray, upper: np
     Hf = H[np.ix_(free, free)]
     df = d[free]
     R, z = _cholesky_system(Hf / np.outer(df, df), cf / df)
-    result = lsq_linear(R, z, bounds=(lower[free] * df, upper[free] * df), method="bvls",
-                        tol=1e-14, lsmr_tol=None, max_iter=None)
-    beta[free] = np.clip(result.x / df, lower[free], upper[free])
+    lo, hi = lower[free] * df, upper[free] * df
+    result = lsq_linear(R, z, bounds=(lo, hi), method="bvls", tol=1e-14, lsmr_tol=None,
+                        max_iter=None)
+    # in unit-scaled variables a distance < 1e-12 to a bound is rounding: at the bound
+    x = np.where(result.x - lo < 1e-12, lo, result.x)
+    x = np.where(hi - x < 1e-12, hi, x)
+    beta[free] = np.clip(x / df, lower[free], upper[free])
     return beta
 
 
