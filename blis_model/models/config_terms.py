@@ -56,7 +56,7 @@ over its steps of feature/duration = 1): a part of a step cannot exceed the step
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -319,7 +319,7 @@ def record(steps: int, folds: Sequence[Fold], errors: Mapping[str, Sequence[floa
                      "fold_msre": None if e is None else [float(v) for v in e],
                      "guard_msre": None if g is None else float(g)})
     out: dict[str, Any] = {"steps": int(steps), "folds": len(folds), "candidates": rows,
-                           "choice": choice.label, "reason": reason}
+                           "choice": choice.label, "reason": reason, "moved": []}
     if choice.kind == "scale":
         out["scale"] = scale
     if choice.kind == "terms":
@@ -419,13 +419,11 @@ def select_terms(family: TermsFamily, X: pd.DataFrame, y: np.ndarray, key: str,
 def finish(family: TermsFamily, X: pd.DataFrame, y: np.ndarray, reference: Any,
            chosen: Candidate, cands: Sequence[Candidate], folds: Sequence[Fold],
            errors: Mapping[str, Sequence[float]], reason: str, kappa: float,
-           scale_fn: Callable[[], float] | None = None,
            guard: Mapping[str, float] | None = None) -> Selection:
     """Refit the chosen candidate on every step and build its record."""
     terms, s = None, None
     if chosen.kind == "scale":
-        s = scale_fn() if scale_fn else scale_factor(family._terms_predict(X, reference), y,
-                                                     kappa)
+        s = scale_factor(family._terms_predict(X, reference), y, kappa)
         terms = family._terms_scaled(reference, s)
     elif chosen.kind == "terms":
         terms = family._terms_fit(X, y, reference, float(chosen.prior_steps))

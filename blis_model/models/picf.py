@@ -107,7 +107,6 @@ class PICF(ConfigCoefficientSets):
             rec = record(steps, folds, {}, cands, cands[0],
                          f"too few steps for time-ordered cross-validation ({steps}): "
                          "the reference terms are kept")
-            rec["moved"] = []
             return Selection(cands[0], None, rec)
 
         def fold_errors(fold: Fold) -> dict[str, float]:
