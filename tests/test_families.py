@@ -186,12 +186,21 @@ def test_bsr_ard_prunes_irrelevant_candidates_and_recovers_the_rest() -> None:
     assert 0.01 < np.median(rel) < 0.04  # the 2% noise, plus a little coefficient doubt
 
 
-def test_bsr_ard_calibration_is_sequential_bayes() -> None:
+def test_bsr_ard_configuration_update_is_sequential_bayes() -> None:
+    """The full-terms candidate is a conjugate update: two halves in a row (the second
+    with the first's posterior as its prior) equal the whole at once."""
     base = BSRARD(features=FEATURES, per_config=False).fit(donors())
     target = label(steps(400, "t", 11), BETA * 1.2, 12)
-    once = base.calibrate(target)
-    twice = base.calibrate(target.iloc[:200]).calibrate(target.iloc[200:])
-    np.testing.assert_allclose(twice.config_coef_["t"], once.config_coef_["t"], rtol=1e-6)
+    y = target["duration_us"].to_numpy()
+    steps_ = base.config_prior_steps
+    reference = base._reference_terms("t", target)
+    once = base._terms_fit(target, y, reference, steps_)
+    first = base._terms_fit(target.iloc[:200], y[:200], reference, steps_)
+    twice = base._terms_fit(target.iloc[200:], y[200:], first, steps_)
+    np.testing.assert_allclose(twice[0], once[0], rtol=1e-6)
+    np.testing.assert_allclose(twice[1], once[1], rtol=1e-6)
+    calibrated = base.calibrate(target)  # a 20% slower target: calibration moves it
+    assert calibrated.config_choice_["t"]["choice"] != "none"
 
 
 def test_rece_recovers_quantile_coefficients_and_specialists() -> None:
@@ -248,7 +257,17 @@ def test_hybrid_calibration_records_the_check_and_trusts_a_failed_target_more() 
     assert calibrated.transfer_checks_["t"]["passed"] is False
     strict = Hybrid(features=FEATURES, residual_features=("step_overhead",),
                     failed_prior_factor=1.0).fit(donors()).calibrate(slower)
-    assert abs(calibrated.config_scale_["t"] - 1.5) < abs(strict.config_scale_["t"] - 1.5)
+
+    def offered(model: Hybrid) -> list[str]:
+        return [c["candidate"] for c in model.config_choice_["t"]["candidates"]]
+
+    # the failed check offers weaker priors (× failed_prior_factor) to the CV ...
+    assert offered(calibrated) == ["none", "scale", "terms@1.6", "terms@0.4", "terms@0.1"]
+    assert offered(strict) == ["none", "scale", "terms@8", "terms@2", "terms@0.5"]
+    # ... which, the target being the base × 1.5 exactly, picks one scale of 1.5 anyway
+    for model in (calibrated, strict):
+        assert model.config_choice_["t"]["choice"] == "scale"
+        assert model.config_scale_["t"] == pytest.approx(1.5, rel=0.01)
     assert "t" not in base.config_scale_
 
 

@@ -303,3 +303,50 @@ def test_fitted_alphas_replace_the_shipped_defaults(fitted: Fitted) -> None:
     assert blis["alphas_fit"] is True and blis["alpha_source"] == "median fit on 400 requests"
     with pytest.raises(ReleaseError, match=">= 0"):
         fitted.build(alphas=(900.0, -1.0, 4.0))
+
+
+def test_manifest_and_card_record_each_configurations_choice_of_terms(
+        files: dict[str, bytes], manifest: dict, fitted: Fitted) -> None:
+    """``metrics.calibration``: per configuration the candidates' time-ordered CV errors,
+    the choice and why; the card shows them and, per configuration with terms of its
+    own, which terms moved from the global value (ratio) and which sit at a bound."""
+    block = manifest["metrics"]["calibration"]
+    keys = {e["config_key"] for e in manifest["experiments"]}
+    assert set(block["per_config"]) == keys and block["method"]["bound_factor"] == 4.0
+    coefficients = json.loads(files["coefficients.json"])["model"]["calibration"]
+    card = files["MODEL_CARD.md"].decode()
+    assert "## Per-configuration calibration" in card
+    for key, rec in block["per_config"].items():
+        assert set(rec["cv_rmsre_pct"]) == {"none", "scale", "terms@200", "terms@50",
+                                            "terms@12.5"}
+        assert rec["choice"] == coefficients["per_config"][key]["choice"]
+        assert rec["choice"] in rec["cv_rmsre_pct"] and rec["reason"]
+        assert f"`{key.replace('|', chr(92) + '|')}`" in card
+        moved = coefficients["per_config"][key]["moved"]
+        assert (rec["choice"] == "none") == (key not in fitted.model.config_coef_)
+        if moved:
+            assert f"### Terms that moved: `{key}`" in card
+        for m in moved:
+            lo, hi = m["range"]
+            assert lo <= m["config"] * (1 + 1e-9) and (hi is None or m["config"] <= hi * (1 + 1e-9))
+            if m["at_bound"]:
+                assert f"{m['term']} ({m['at_bound']})" in rec["at_bound"]
+    assert sum(block["choices"].values()) == len(keys)
+
+
+def test_a_calibrated_release_records_the_target_configurations_choice(fitted: Fitted) -> None:
+    frame = fitted.frame
+    name = "h100-mixtral-8x7b-bf16"
+    target = frame[frame["experiment"] == name].sort_values("step_id").iloc[:100]
+    base = evaluation.fit_model(frame[frame["config_key"] != target["config_key"].iloc[0]])
+    calibrated = evaluation.fit_model(target, base=base)
+    report = evaluation.calibration_report(calibrated)
+    key = target["config_key"].iloc[0]
+    assert report is not None and report["per_config"][key]["steps"] == 100
+    assert report["per_config"][key]["choice"] != "none"  # the MoE model needs its terms
+    files = build_release(calibrated, target, fitted.experiments, [], str(SAMPLE),
+                          evaluation.evaluate(target, calibrated, loo={}, temporal={}), "picf",
+                          base_version="20260101T000000Z-00000000", with_plots=False)
+    card = files["MODEL_CARD.md"].decode()
+    assert "calibrated from release `20260101T000000Z-00000000`" in card
+    assert f"### Terms that moved: `{key}`" in card

@@ -45,9 +45,16 @@ def test_stats_fit_equals_frame_fit(real_shards) -> None:
     direct, pooled = PICF().fit(frame), shards.fit_picf_from_stats(summaries)
     scale = np.max(np.abs(direct.coef_))
     assert np.max(np.abs(direct.coef_ - pooled.coef_)) <= 1e-9 * scale
-    assert set(direct.config_coef_) == set(pooled.config_coef_) and len(pooled.config_coef_) == 4
+    assert set(direct.config_coef_) == set(pooled.config_coef_)
     for key, coef in direct.config_coef_.items():
         assert np.max(np.abs(coef - pooled.config_coef_[key])) <= 1e-9 * np.max(np.abs(coef))
+    # every configuration's choice of terms (time-ordered CV) is made from block statistics
+    assert len(pooled.config_choice_) == 4
+    for key, choice in direct.config_choice_.items():
+        theirs = pooled.config_choice_[key]
+        assert (choice["choice"], choice["folds"]) == (theirs["choice"], theirs["folds"])
+        for mine, other in zip(choice["candidates"], theirs["candidates"], strict=True):
+            assert mine["cv_rmsre_pct"] == pytest.approx(other["cv_rmsre_pct"], rel=1e-9)
     assert sum(s.rows for s in summaries) == len(frame)
 
 

@@ -75,12 +75,13 @@ def mean_metric(results: dict[str, dict[str, float]], key: str = "mape") -> floa
 def evaluate(frame: pd.DataFrame, model: StepTimeModel, family: str = DEFAULT_FAMILY, *,
              loo: dict[str, dict[str, float]] | None = None,
              temporal: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
-    """The accuracy report stored in a release: in-sample, temporal and LOO per experiment.
+    """The accuracy report stored in a release: in-sample, temporal and LOO per experiment,
+    and how each configuration's terms were chosen (:func:`calibration_report`).
     ``loo``/``temporal`` are computed here unless given (the flow runs them as tasks)."""
     in_sample = per_experiment(frame, model.predict(frame))
     loo = leave_one_experiment_out(frame, family) if loo is None else loo
     temporal = temporal_holdout(frame, family) if temporal is None else temporal
-    return {
+    out = {
         "in_sample": in_sample,
         "temporal_holdout": temporal,
         "leave_one_experiment_out": loo,
@@ -89,6 +90,38 @@ def evaluate(frame: pd.DataFrame, model: StepTimeModel, family: str = DEFAULT_FA
                     "loo_mape": mean_metric(loo), "loo_median_ape": mean_metric(loo, "median_ape"),
                     "steps": int(len(frame))},
     }
+    report = calibration_report(model)
+    if report is not None:
+        out["calibration"] = report
+    return out
+
+
+def calibration_report(model: StepTimeModel) -> dict[str, Any] | None:
+    """How the release chose each configuration's terms (``models.config_terms``), for
+    the manifest (``metrics.calibration``): the method, and per configuration the choice
+    (none / scale / terms@λ), why, every candidate's time-ordered CV error (RMS relative
+    error, %), the scale or prior strength, and which terms moved and which sit at a bound
+    of their physical range. None for a model without per-configuration terms."""
+    block = model.to_dict().get("calibration")
+    if not block:
+        return None
+    per = {}
+    for key, rec in sorted((block.get("per_config") or {}).items()):
+        moved = rec.get("moved") or []
+        per[key] = {"choice": rec["choice"], "reason": rec["reason"], "steps": rec["steps"],
+                    "folds": rec["folds"],
+                    "cv_rmsre_pct": {c["candidate"]: c["cv_rmsre_pct"]
+                                     for c in rec.get("candidates", [])},
+                    **({"scale": rec["scale"]} if "scale" in rec else {}),
+                    **({"prior_steps": rec["prior_steps"]} if "prior_steps" in rec else {}),
+                    "terms_moved": len(moved),
+                    "at_bound": [f"{m['term']} ({m['at_bound']})" for m in moved
+                                 if m.get("at_bound")]}
+    counts: dict[str, int] = {}
+    for rec in per.values():
+        kind = rec["choice"].split("@")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return {"method": block.get("method", {}), "choices": counts, "per_config": per}
 
 
 LEARNING_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0)

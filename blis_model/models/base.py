@@ -11,6 +11,7 @@ changes state. ``to_dict`` gives the native coefficients with units (for
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -19,6 +20,14 @@ import pandas as pd
 from sklearn.base import BaseEstimator, RegressorMixin
 
 from blis_model.features.registry import REGISTRY, describe
+from blis_model.models.config_terms import (
+    Selection,
+    column_scale,
+    method,
+    records_to_dict,
+    select_terms,
+    term_bounds,
+)
 
 
 def design(X: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
@@ -76,51 +85,107 @@ class StepTimeModel(RegressorMixin, BaseEstimator):
 
 class ConfigCoefficientSets(StepTimeModel):
     """A family with one global coefficient vector ``coef_`` (over ``features``) and one
-    vector per configuration key in ``config_coef_`` (shrunk toward the global one).
+    vector per configuration key in ``config_coef_``.
 
-    Subclasses provide ``_fit_config(X, y) -> coefficients`` for one configuration and
-    ``_predict_with(X, coefficients) -> µs``; this class gives them prediction by
-    configuration (global set for unseen keys), ``calibrate``, ``with_config_sets`` and
-    the common part of serialisation.
+    Subclasses provide ``_fit_config(X, y, reference, prior_steps) -> coefficients`` (one
+    configuration's terms, shrunk toward ``reference`` with a prior worth ``prior_steps``
+    steps, inside :meth:`_bounds`) and ``_predict_with(X, coefficients) -> µs``; this
+    class chooses each configuration's terms (``models.config_terms``: none / one scale /
+    full terms, by time-ordered cross-validation; the record of every choice in
+    ``config_choice_``) and gives prediction by configuration (global set for unseen
+    keys), ``calibrate``, ``with_config_sets`` and the common part of serialisation.
+    A configuration whose choice is ``none`` has no set: it predicts with the reference.
     """
 
     features: Any
+    config_prior_steps: float
+    config_bound: float
+    config_selection: str
 
-    def _fit_config(self, X: pd.DataFrame, y: np.ndarray) -> np.ndarray:  # pragma: no cover
+    def _fit_config(self, X: pd.DataFrame, y: np.ndarray, reference: np.ndarray,
+                    prior_steps: float) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
     def _predict_with(self, X: pd.DataFrame, coef: np.ndarray) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
+    # -- the per-configuration terms (models.config_terms) ----------------------------
+    def _relative_design(self, X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
+        return design(X, self.features) / np.asarray(y, dtype=np.float64)[:, None]
+
+    def _bounds(self, X: pd.DataFrame, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Physical range of each coefficient of a configuration on its steps."""
+        return term_bounds(self.coef_, column_scale(self._relative_design(X, y)),
+                           self.config_bound)
+
+    def _reference_terms(self, key: str, X: pd.DataFrame) -> np.ndarray:
+        return np.array(self.coefficients_for(key), dtype=np.float64, copy=True)
+
+    def _terms_predict(self, X: pd.DataFrame, terms: np.ndarray) -> np.ndarray:
+        return self._predict_with(X, terms)
+
+    def _terms_fit(self, X: pd.DataFrame, y: np.ndarray, reference: np.ndarray,
+                   prior_steps: float) -> np.ndarray:
+        return self._fit_config(X, y, reference, prior_steps)
+
+    def _terms_scaled(self, terms: np.ndarray, factor: float) -> np.ndarray:
+        return terms * factor
+
+    def _terms_vector(self, terms: np.ndarray) -> np.ndarray:
+        return terms
+
+    def _terms_layout(self, X: pd.DataFrame, y: np.ndarray
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        lower, upper = self._bounds(X, y)
+        return list(self.features), self.coef_, lower, upper
+
+    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
+        """This model's choice of terms for configuration ``key`` on its steps."""
+        return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
+                            self.config_selection)
+
+    def _apply(self, key: str, selection: Selection) -> None:
+        if selection.terms is not None:
+            self.config_coef_[key] = np.asarray(selection.terms, dtype=np.float64)
+        self.config_choice_[key] = selection.record
+
     def _fit_config_sets(self, X: pd.DataFrame, y: np.ndarray) -> None:
         self.config_coef_: dict[str, np.ndarray] = {}
+        self.config_choice_: dict[str, dict[str, Any]] = {}
         if getattr(self, "per_config", False) and "config_key" in X:
             for key, idx in X.groupby("config_key", sort=True).indices.items():
-                self.config_coef_[str(key)] = self._fit_config(X.iloc[idx], y[idx])
+                self._apply(str(key), self._select(str(key), X.iloc[idx], y[idx]))
 
     def _copy_fitted(self, **params: Any) -> Any:
         model = type(self)(**{**self.get_params(), **params})
         model.coef_ = self.coef_.copy()
         model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
+        model.config_choice_ = copy.deepcopy(getattr(self, "config_choice_", {}))
         model.n_features_in_ = self.n_features_in_
         return model
 
     def calibrate(self, X: pd.DataFrame, y: Any = None) -> Any:
-        """A copy whose per-configuration sets are refit on ``X`` (few target steps),
-        shrunk toward this model's global coefficients; ``self`` is untouched."""
+        """A copy whose terms for every configuration of ``X`` (few target steps) are
+        chosen and refit on its steps around this model's terms for it (its own set, or
+        the global set when new); ``self`` is untouched."""
         y = target(X, y)
         model = self._copy_fitted()
         for key, idx in X.groupby("config_key", sort=True).indices.items():
-            model.config_coef_[str(key)] = self._fit_config(X.iloc[idx], y[idx])
+            model._apply(str(key), self._select(str(key), X.iloc[idx], y[idx]))
         return model
 
     def with_config_sets(self, specialists: Any) -> Any:
-        """A copy (``per_config`` on) whose set for each configuration key is taken from
-        ``specialists[key]`` — e.g. ``calibrate`` on that configuration's steps, run in
-        parallel. ``fit`` equals a ``per_config=False`` fit merged this way."""
+        """A copy (``per_config`` on) whose set and choice for each configuration key are
+        taken from ``specialists[key]`` — e.g. ``calibrate`` on that configuration's
+        steps, run in parallel. ``fit`` equals a ``per_config=False`` fit merged this
+        way."""
         model = self._copy_fitted(per_config=True)
         for key in sorted(specialists):
-            model.config_coef_[str(key)] = specialists[key].config_coef_[str(key)].copy()
+            spec, key = specialists[key], str(key)
+            if key in spec.config_coef_:
+                model.config_coef_[key] = spec.config_coef_[key].copy()
+            if key in getattr(spec, "config_choice_", {}):
+                model.config_choice_[key] = copy.deepcopy(spec.config_choice_[key])
         return model
 
     def coefficients_for(self, config_key: str | None) -> np.ndarray:
@@ -138,9 +203,31 @@ class ConfigCoefficientSets(StepTimeModel):
     def _coefficient_sets(self) -> dict[str, Any]:
         return {"global": coefficient_table(self.features, self.coef_),
                 "per_config": {k: coefficient_table(self.features, v)
-                               for k, v in sorted(self.config_coef_.items())}}
+                               for k, v in sorted(self.config_coef_.items())},
+                "calibration": self._calibration_block()}
+
+    def _calibration_block(self) -> dict[str, Any]:
+        return calibration_block(self.config_bound, self.config_prior_steps,
+                                 self.config_selection, getattr(self, "config_choice_", {}))
 
     def _restore_sets(self, data: dict[str, Any]) -> None:
         self.coef_ = coefficient_values(data["global"])
         self.config_coef_ = {k: coefficient_values(v) for k, v in data["per_config"].items()}
+        self.config_choice_ = restore_choices(data)
         self.n_features_in_ = len(self.features)
+
+
+def calibration_block(kappa: float, prior_steps: float, selection: str,
+                      choices: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The serialised record of how a model chose its per-configuration terms
+    (``coefficients.json`` → ``model.calibration``): the method and, per configuration,
+    the candidates' CV errors, the choice and the terms that moved."""
+    return {"method": method(kappa, prior_steps, selection),
+            "per_config": records_to_dict(choices)}
+
+
+def restore_choices(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``config_choice_`` from a serialised model (empty for releases made before the
+    calibration record existed)."""
+    block = data.get("calibration") or {}
+    return copy.deepcopy(dict(block.get("per_config") or {}))

@@ -11,10 +11,15 @@ rows — with the likelihood tempered by κ chosen by leave-one-configuration-ou
 evidence re-maximised; the final mean is the non-negative MAP, so BLIS gets β ≥ 0.
 
 Predictive uncertainty per step: std = √(ŷ²/λ + xᵀΣx) µs (``predict(X, return_std=True)``).
-Per configuration (``fit`` on donors, ``calibrate`` on a target): a conjugate update whose
-prior is the pooled posterior worth ``config_prior_steps`` steps (features the donors never
-exercised — all-zero columns — get an independent prior at their prior mean), or the
-configuration's own posterior when it is already known (sequential Bayes).
+Per configuration (``fit`` on donors, ``calibrate`` on a target), the choice of
+``models.config_terms``: the reference posterior (pooled, or the configuration's own),
+one scale on it (mean × s, covariance × s²), or a conjugate update whose prior is the
+pooled posterior worth a few multiples of ``config_prior_steps`` steps (features the
+donors never exercised — all-zero columns — get an independent prior at their prior
+mean), or the configuration's own posterior when it is already known (sequential Bayes,
+its precision scaled the same way); the posterior mean (the non-negative MAP) keeps
+every coefficient within its physical range around the pooled mean (bounds of the
+solver).
 
 :func:`transfer_check` applies the z-score rule (:class:`TransferCheck`) to a base model
 and a few target steps.
@@ -22,6 +27,7 @@ and a few target steps.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,7 +37,22 @@ import pandas as pd
 
 from blis_model.features.candidates import CANDIDATE_FEATURES
 from blis_model.models.ard import pooled_posterior, predictive_std, prior_means, stats_scale
-from blis_model.models.base import StepTimeModel, coefficient_table, coefficient_values, target
+from blis_model.models.base import (
+    StepTimeModel,
+    calibration_block,
+    coefficient_table,
+    coefficient_values,
+    design,
+    restore_choices,
+    target,
+)
+from blis_model.models.config_terms import (
+    KAPPA,
+    Selection,
+    column_scale,
+    select_terms,
+    term_bounds,
+)
 from blis_model.models.linear import (
     columns_fn,
     config_groups,
@@ -39,7 +60,11 @@ from blis_model.models.linear import (
     relative_stats,
     spd_inverse,
 )
-from blis_model.models.solvers import nonneg_quadratic
+from blis_model.models.solvers import bounded_quadratic
+
+Posterior = tuple[np.ndarray, np.ndarray, bool]
+"""A configuration's terms: (mean over all features, covariance over ``config_features``,
+whether it is the configuration's own posterior — a sequential-Bayes prior)."""
 
 PRECISION_UNIT = "1 / (relative error)²"
 
@@ -52,7 +77,8 @@ class BSRARD(StepTimeModel):
     def __init__(self, features: Sequence[str] = CANDIDATE_FEATURES,
                  prior_mean: str = "physics", evidence_weight: float | str = "cv",
                  alpha_threshold: float = 1e5, max_iter: int = 300, tol: float = 1e-4,
-                 per_config: bool = True, config_prior_steps: float = 50.0) -> None:
+                 per_config: bool = True, config_prior_steps: float = 50.0,
+                 config_bound: float = KAPPA, config_selection: str = "cv") -> None:
         self.features = features
         self.prior_mean = prior_mean
         self.evidence_weight = evidence_weight
@@ -61,6 +87,8 @@ class BSRARD(StepTimeModel):
         self.tol = tol
         self.per_config = per_config
         self.config_prior_steps = config_prior_steps
+        self.config_bound = config_bound
+        self.config_selection = config_selection
 
     # -- fitting ------------------------------------------------------------------------
     @property
@@ -75,35 +103,78 @@ class BSRARD(StepTimeModel):
         data never exercised (all-zero columns, e.g. MoE terms without MoE donors)."""
         return [n for n, f in zip(self.features, self.keep_ | self.unseen_, strict=True) if f]
 
-    def _config_update(self, X: pd.DataFrame, y: np.ndarray, key: str | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+    def _config_update(self, X: pd.DataFrame, y: np.ndarray, reference: Posterior,
+                       prior_steps: float) -> tuple[np.ndarray, np.ndarray]:
         """Posterior (mean over all features, covariance over ``config_features``) of one
-        configuration: conjugate update of the pooled posterior (worth
-        ``config_prior_steps`` steps; unseen features get an independent prior at their
-        prior mean worth the same number of steps) — or, for a configuration the model
-        already holds, of that configuration's posterior (sequential Bayes)."""
+        configuration: conjugate update of the pooled posterior (worth ``prior_steps``
+        steps; unseen features get an independent prior at their prior mean worth the
+        same number of steps) — or, when ``reference`` is the configuration's own
+        posterior, of that posterior (sequential Bayes; its precision × ``prior_steps`` /
+        ``config_prior_steps``). The mean stays in the physical ranges (bounds)."""
         free = self.keep_ | self.unseen_
         held = [n for n, f in zip(self.features, free, strict=True) if not f]
         stats = relative_stats(columns_fn(X, self.config_features), y,
                                offset=linear_predict(X, held, self.coef_[~free]))
         lam = self.noise_precision_
-        if key is not None and key in self.config_coef_:
-            prior_mean = self.config_coef_[key][free]
-            prior_prec = spd_inverse(self.config_sigma_[key])
+        if reference[2]:
+            factor = prior_steps / self.config_prior_steps if self.config_prior_steps else 1.0
+            prior_mean = reference[0][free]
+            prior_prec = spd_inverse(reference[1]) * factor
         else:
-            steps = self.config_prior_steps
             kept = np.flatnonzero(self.keep_[free])
             unseen = np.flatnonzero(self.unseen_[free])
             prior_mean = self.coef_[free]
             prior_prec = np.zeros((int(free.sum()), int(free.sum())))
-            prior_prec[np.ix_(kept, kept)] = self.precision_ * (steps / max(self.n_train_, 1.0))
+            prior_prec[np.ix_(kept, kept)] = self.precision_ * (prior_steps
+                                                                / max(self.n_train_, 1.0))
             scale = stats.column_scale[unseen]
-            prior_prec[unseen, unseen] = lam * steps * np.where(scale > 0, scale, 1.0) ** 2
+            prior_prec[unseen, unseen] = lam * prior_steps * np.where(scale > 0, scale, 1.0) ** 2
         H = lam * stats.gram + prior_prec
         c = lam * stats.moment + prior_prec @ prior_mean
+        lower, upper = term_bounds(self.coef_[free], stats.column_scale, self.config_bound)
         mean = self.coef_.copy()
-        mean[free] = nonneg_quadratic(H, c)
+        mean[free] = bounded_quadratic(H, c, lower, upper)
         return mean, spd_inverse(H)
+
+    # -- per-configuration terms (models.config_terms) ---------------------------------
+    def _reference_terms(self, key: str, X: pd.DataFrame) -> Posterior:
+        if key in self.config_coef_:
+            return self.config_coef_[key].copy(), self.config_sigma_[key].copy(), True
+        free = self.keep_ | self.unseen_
+        cov = np.zeros((int(free.sum()), int(free.sum())))
+        kept = np.flatnonzero(self.keep_[free])
+        cov[np.ix_(kept, kept)] = self.sigma_  # unseen features: no variance, as pooled
+        return self.coef_.copy(), cov, False
+
+    def _terms_predict(self, X: pd.DataFrame, terms: Posterior) -> np.ndarray:
+        return linear_predict(X, self.features, terms[0])
+
+    def _terms_fit(self, X: pd.DataFrame, y: np.ndarray, reference: Posterior,
+                   prior_steps: float) -> Posterior:
+        mean, cov = self._config_update(X, y, reference, prior_steps)
+        return mean, cov, True
+
+    def _terms_scaled(self, terms: Posterior, factor: float) -> Posterior:
+        return terms[0] * factor, terms[1] * factor * factor, True
+
+    def _terms_vector(self, terms: Posterior) -> np.ndarray:
+        return terms[0]
+
+    def _terms_layout(self, X: pd.DataFrame, y: np.ndarray
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        A = design(X, self.features) / np.asarray(y, dtype=np.float64)[:, None]
+        lower, upper = term_bounds(self.coef_, column_scale(A), self.config_bound)
+        return list(self.features), self.coef_, lower, upper
+
+    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
+        return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
+                            self.config_selection)
+
+    def _apply(self, key: str, selection: Selection) -> None:
+        if selection.terms is not None:
+            self.config_coef_[key] = np.asarray(selection.terms[0], dtype=np.float64)
+            self.config_sigma_[key] = np.asarray(selection.terms[1], dtype=np.float64)
+        self.config_choice_[key] = selection.record
 
     def fit(self, X: pd.DataFrame, y: Any = None) -> BSRARD:
         y = target(X, y)
@@ -123,10 +194,10 @@ class BSRARD(StepTimeModel):
         self.n_train_ = float(len(y)) * self.evidence_weight_
         self.config_coef_: dict[str, np.ndarray] = {}
         self.config_sigma_: dict[str, np.ndarray] = {}
+        self.config_choice_: dict[str, dict[str, Any]] = {}
         if self.per_config:
             for key, idx in config_groups(X).items():
-                self.config_coef_[key], self.config_sigma_[key] = self._config_update(
-                    X.iloc[idx], y[idx])
+                self._apply(key, self._select(key, X.iloc[idx], y[idx]))
         self.n_features_in_ = len(self.features)
         return self
 
@@ -140,18 +211,18 @@ class BSRARD(StepTimeModel):
         model.evidence_cv_ = dict(self.evidence_cv_)
         model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
         model.config_sigma_ = {k: v.copy() for k, v in self.config_sigma_.items()}
+        model.config_choice_ = copy.deepcopy(self.config_choice_)
         model.n_features_in_ = self.n_features_in_
         return model
 
     def calibrate(self, X: pd.DataFrame, y: Any = None) -> BSRARD:
-        """A copy with the posterior of every configuration in ``X`` updated on its steps
-        (prior: its current posterior if known, else the pooled posterior worth
-        ``config_prior_steps`` steps)."""
+        """A copy with the posterior of every configuration in ``X`` chosen and updated on
+        its steps (reference: its current posterior if known, else the pooled posterior
+        worth ``config_prior_steps`` steps)."""
         y = target(X, y)
         model = self._copy_fitted()
         for key, idx in config_groups(X).items():
-            model.config_coef_[key], model.config_sigma_[key] = self._config_update(
-                X.iloc[idx], y[idx], key)
+            model._apply(key, self._select(key, X.iloc[idx], y[idx]))
         return model
 
     # -- prediction ---------------------------------------------------------------------
@@ -196,6 +267,8 @@ class BSRARD(StepTimeModel):
             "per_config": {k: {"coefficients": coefficient_table(self.features, v),
                                "covariance": self.config_sigma_[k].tolist()}
                            for k, v in sorted(self.config_coef_.items())},
+            "calibration": calibration_block(self.config_bound, self.config_prior_steps,
+                                             self.config_selection, self.config_choice_),
         }
 
     @classmethod
@@ -220,6 +293,7 @@ class BSRARD(StepTimeModel):
         f = len(model.config_features)
         model.config_sigma_ = {key: np.asarray(v["covariance"], dtype=np.float64).reshape(f, f)
                                for key, v in data["per_config"].items()}
+        model.config_choice_ = restore_choices(data)
         model.n_features_in_ = len(model.features)
         return model
 

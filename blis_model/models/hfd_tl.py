@@ -13,14 +13,19 @@ StepTime(step of configuration c) = Σ_g γ_{c,g} · Σ_{k∈g} β_k f_k(step) +
 
 Fitting backfits base and donor configuration terms (``n_backfit`` rounds), then
 normalises each γ_g to a step-weighted geometric mean of 1, so a configuration never
-seen predicts with γ = 1, δ = 0. ``calibrate`` fits only (γ_c, δ_c) on a target — a few
-parameters, shrunk toward (1, 0) with priors worth ``config_prior_steps`` and
-``residual_prior_steps`` steps — so a few dozen target steps suffice.
+seen predicts with γ = 1, δ = 0. The released (γ_c, δ_c) of every configuration — of a
+fresh fit and of ``calibrate`` on a target — are the choice of ``models.config_terms``
+against the fixed base: none (γ = 1, δ = 0, or the base release's terms), one scale
+(γ_g = δ-scale = s), or (γ, δ) shrunk toward the reference with priors worth a few
+multiples of ``config_prior_steps`` / ``residual_prior_steps`` steps — a few
+parameters, so a few dozen target steps suffice — with γ in [1/κ, κ] and each δ at most
+what would alone take the whole step (bounds of the solver).
 :func:`learning_curve` measures error against the number of target steps.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,15 +37,18 @@ from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.metrics import summary
 from blis_model.models.base import (
     StepTimeModel,
+    calibration_block,
     coefficient_table,
     coefficient_values,
     correction_mask,
     design,
     priors,
+    restore_choices,
     target,
 )
+from blis_model.models.config_terms import KAPPA, Selection, column_scale, select_terms, term_bounds
 from blis_model.models.linear import config_groups, linear_predict, relative_stats
-from blis_model.models.solvers import RelativeGram, nonneg_ridge
+from blis_model.models.solvers import RelativeGram, bounded_ridge, nonneg_ridge
 
 RESIDUAL_FEATURES: tuple[str, ...] = ("step_overhead", "request_overhead", "prefill_step")
 SCALE_GROUPS: tuple[str, ...] = ("gpu", "cpu")  # corrections (GPU µs), overheads (counts)
@@ -50,17 +58,39 @@ LEARNING_CURVE_STEPS: tuple[int, ...] = (25, 50, 100, 250, 500, 1000)
 
 def fit_config_terms(base_parts: np.ndarray, residual: np.ndarray, y: np.ndarray,
                      prior_scale: np.ndarray, prior_residual: np.ndarray, scale_steps: float,
-                     residual_steps: float) -> tuple[np.ndarray, np.ndarray]:
+                     residual_steps: float, kappa: float | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """(γ, δ) ≥ 0 minimising Σ((Σ_g γ_g·base_g + r·δ)/y − 1)² + priors worth the given
-    steps. ``base_parts`` is (steps, groups): the base prediction split by scale group."""
+    steps. ``base_parts`` is (steps, groups): the base prediction split by scale group.
+    With ``kappa`` every term stays in its physical range (:func:`config_term_bounds`),
+    a box constraint of the solver."""
     D = np.column_stack([base_parts, residual])
     stats = RelativeGram.from_rows(D, y)
     g = base_parts.shape[1]
     prior = np.concatenate([prior_scale, prior_residual])
     penalty = np.concatenate([np.full(g, scale_steps), np.full(residual.shape[1],
                                                                 residual_steps)])
-    sol = nonneg_ridge(stats, prior, penalty)
+    if kappa is None:
+        sol = nonneg_ridge(stats, prior, penalty)
+    else:
+        lower, upper = term_bounds(neutral_terms(g, residual.shape[1]), stats.column_scale,
+                                   kappa)
+        sol = bounded_ridge(stats, prior, penalty, lower, upper)
     return sol[:g], sol[g:]
+
+
+def neutral_terms(groups: int, residuals: int) -> np.ndarray:
+    """The global value of the configuration terms: γ = 1 per group, δ = 0."""
+    return np.concatenate([np.ones(groups), np.zeros(residuals)])
+
+
+def config_term_bounds(base_parts: np.ndarray, residual: np.ndarray, y: np.ndarray,
+                       kappa: float) -> tuple[np.ndarray, np.ndarray]:
+    """Physical range of (γ, δ): γ_g within [1/κ, κ] of the universal base; each δ at
+    most the value at which it alone would take the whole step (``config_terms``)."""
+    D = np.column_stack([base_parts, residual]) / np.asarray(y, dtype=np.float64)[:, None]
+    return term_bounds(neutral_terms(base_parts.shape[1], residual.shape[1]),
+                       column_scale(D), kappa)
 
 
 class HFDTL(StepTimeModel):
@@ -72,7 +102,8 @@ class HFDTL(StepTimeModel):
                  residual_features: Sequence[str] = RESIDUAL_FEATURES,
                  scale_groups: str = "kind", ridge: float = 0.01,
                  config_prior_steps: float = 2.0, residual_prior_steps: float = 2.0,
-                 n_backfit: int = 3, per_config: bool = True) -> None:
+                 n_backfit: int = 3, per_config: bool = True, config_bound: float = KAPPA,
+                 config_selection: str = "cv") -> None:
         self.features = features
         self.residual_features = residual_features
         self.scale_groups = scale_groups
@@ -81,6 +112,8 @@ class HFDTL(StepTimeModel):
         self.residual_prior_steps = residual_prior_steps
         self.n_backfit = n_backfit
         self.per_config = per_config
+        self.config_bound = config_bound
+        self.config_selection = config_selection
 
     # -- structure ----------------------------------------------------------------------
     @property
@@ -153,9 +186,13 @@ class HFDTL(StepTimeModel):
             coef = coef * g[self.group_of_feature]
             terms = {k: (v[0] / g, v[1]) for k, v in terms.items()}
         self.coef_ = coef
-        self.config_scale_ = {k: v[0] for k, v in terms.items()}
-        self.config_residual_ = {k: v[1] for k, v in terms.items()}
+        self.config_scale_: dict[str, np.ndarray] = {}
+        self.config_residual_: dict[str, np.ndarray] = {}
+        self.config_choice_: dict[str, dict[str, Any]] = {}
         self.n_features_in_ = len(self.features)
+        # the released terms: each configuration's choice against the final base
+        for key, idx in groups.items():
+            self._apply(key, self._select(key, X.iloc[idx], y[idx]))
         return self
 
     def _copy_fitted(self) -> HFDTL:
@@ -163,19 +200,63 @@ class HFDTL(StepTimeModel):
         model.coef_ = self.coef_.copy()
         model.config_scale_ = {k: v.copy() for k, v in self.config_scale_.items()}
         model.config_residual_ = {k: v.copy() for k, v in self.config_residual_.items()}
+        model.config_choice_ = copy.deepcopy(self.config_choice_)
         model.n_features_in_ = self.n_features_in_
         return model
 
     def calibrate(self, X: pd.DataFrame, y: Any = None) -> HFDTL:
-        """A copy with (γ, δ) of every configuration in ``X`` fit on its steps; the base is
-        untouched. A configuration already known starts from its current terms."""
+        """A copy with (γ, δ) of every configuration in ``X`` chosen and fit on its steps;
+        the base is untouched. A configuration already known starts from its current
+        terms."""
         y = target(X, y)
         model = self._copy_fitted()
-        parts = self._parts(X, self.coef_)
         for key, idx in config_groups(X).items():
-            model.config_scale_[key], model.config_residual_[key] = self._terms(
-                parts[idx], X.iloc[idx], y[idx], self.terms_for(key))
+            model._apply(key, self._select(key, X.iloc[idx], y[idx]))
         return model
+
+    # -- per-configuration terms (models.config_terms) ---------------------------------
+    def _reference_terms(self, key: str, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        gamma, delta = self.terms_for(key)
+        return gamma.copy(), delta.copy()
+
+    def _terms_predict(self, X: pd.DataFrame, terms: tuple[np.ndarray, np.ndarray]
+                       ) -> np.ndarray:
+        return (self._parts(X, self.coef_) @ terms[0]
+                + linear_predict(X, self.residual_features, terms[1]))
+
+    def _terms_fit(self, X: pd.DataFrame, y: np.ndarray, reference: tuple[np.ndarray, np.ndarray],
+                   prior_steps: float) -> tuple[np.ndarray, np.ndarray]:
+        factor = prior_steps / self.config_prior_steps if self.config_prior_steps else 1.0
+        return fit_config_terms(self._parts(X, self.coef_), design(X, self.residual_features),
+                                y, reference[0], reference[1], prior_steps,
+                                self.residual_prior_steps * factor, self.config_bound)
+
+    def _terms_scaled(self, terms: tuple[np.ndarray, np.ndarray], factor: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        return terms[0] * factor, terms[1] * factor
+
+    def _terms_vector(self, terms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return np.concatenate([terms[0], terms[1]])
+
+    def _terms_layout(self, X: pd.DataFrame, y: np.ndarray
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        lower, upper = config_term_bounds(self._parts(X, self.coef_),
+                                          design(X, self.residual_features), y,
+                                          self.config_bound)
+        names = ([f"scale/{g}" for g in self.group_names]
+                 + [f"residual/{n}" for n in self.residual_features])
+        return (names, neutral_terms(len(self.group_names), len(self.residual_features)),
+                lower, upper)
+
+    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
+        return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
+                            self.config_selection)
+
+    def _apply(self, key: str, selection: Selection) -> None:
+        if selection.terms is not None:
+            self.config_scale_[key] = np.asarray(selection.terms[0], dtype=np.float64)
+            self.config_residual_[key] = np.asarray(selection.terms[1], dtype=np.float64)
+        self.config_choice_[key] = selection.record
 
     # -- prediction ---------------------------------------------------------------------
     def terms_for(self, config_key: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -227,6 +308,8 @@ class HFDTL(StepTimeModel):
                              for k, g in enumerate(self.group_names)},
             "base": coefficient_table(self.features, self.coef_),
             "per_config": per_config,
+            "calibration": calibration_block(self.config_bound, self.config_prior_steps,
+                                             self.config_selection, self.config_choice_),
         }
 
     @classmethod
@@ -240,6 +323,7 @@ class HFDTL(StepTimeModel):
         model.config_scale_ = {k: np.array([v["scale"][g]["value"] for g in model.group_names])
                                for k, v in per.items()}
         model.config_residual_ = {k: coefficient_values(v["residual"]) for k, v in per.items()}
+        model.config_choice_ = restore_choices(data)
         model.n_features_in_ = len(model.features)
         return model
 

@@ -5,12 +5,15 @@
    away from its prior mean; the non-negative posterior mean is the universal base β,
    with posterior covariance and noise precision.
 2. **Residual calibration on the target**: per configuration, a scale γ_c (prior 1) and
-   residual terms δ_c (prior 0) as in HFD-TL: ŷ = γ_c·x·β + r·δ_c.
+   residual terms δ_c (prior 0) as in HFD-TL: ŷ = γ_c·x·β + r·δ_c — chosen by
+   ``models.config_terms`` (none, one scale, or (γ, δ) at a few prior strengths, by
+   time-ordered cross-validation; γ in [1/κ, κ], each δ at most what would alone take
+   the whole step, as bounds of the solver).
 3. **Uncertainty-based transfer check**: before calibrating a target configuration, the
    base model's standardized residuals on its steps go through the z-score rule
-   (``bsr_ard.z_score_check``). A passed check calibrates with the normal priors; a
-   failed one weakens them by ``failed_prior_factor`` (trust the target more). The
-   outcome is kept per configuration (``transfer_checks_``) and released.
+   (``bsr_ard.z_score_check``). A passed check offers the candidates with the normal
+   priors; a failed one weakens them by ``failed_prior_factor`` (trust the target
+   more). The outcome is kept per configuration (``transfer_checks_``) and released.
 4. **Optional quantiles** (``quantiles=(0.5, 0.9, 0.99)``): non-negative quantile
    coefficient sets on the selected features (``models.quantile``), scaled by the same
    configuration terms.
@@ -18,6 +21,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,13 +32,21 @@ from blis_model.features.candidates import CANDIDATE_FEATURES
 from blis_model.models.ard import pooled_posterior, predictive_std, prior_means
 from blis_model.models.base import (
     StepTimeModel,
+    calibration_block,
     coefficient_table,
     coefficient_values,
     design,
+    restore_choices,
     target,
 )
 from blis_model.models.bsr_ard import PRECISION_UNIT, TransferCheck, z_score_check
-from blis_model.models.hfd_tl import RESIDUAL_FEATURES, fit_config_terms
+from blis_model.models.config_terms import KAPPA, Selection, select_terms
+from blis_model.models.hfd_tl import (
+    RESIDUAL_FEATURES,
+    config_term_bounds,
+    fit_config_terms,
+    neutral_terms,
+)
 from blis_model.models.linear import config_groups, linear_predict
 from blis_model.models.quantile import fit_quantile
 
@@ -50,7 +62,8 @@ class Hybrid(StepTimeModel):
                  alpha_threshold: float = 1e5, config_prior_steps: float = 2.0,
                  residual_prior_steps: float = 2.0, failed_prior_factor: float = 0.2,
                  per_config: bool = True, quantiles: Sequence[float] | None = None,
-                 min_bias: float = 0.5, tail_limit: float = 0.1) -> None:
+                 min_bias: float = 0.5, tail_limit: float = 0.1, config_bound: float = KAPPA,
+                 config_selection: str = "cv") -> None:
         self.features = features
         self.residual_features = residual_features
         self.prior_mean = prior_mean
@@ -63,15 +76,53 @@ class Hybrid(StepTimeModel):
         self.quantiles = quantiles
         self.min_bias = min_bias
         self.tail_limit = tail_limit
+        self.config_bound = config_bound
+        self.config_selection = config_selection
 
     # -- fitting ------------------------------------------------------------------------
-    def _terms(self, X: pd.DataFrame, idx: np.ndarray, y: np.ndarray, base: np.ndarray,
-               prior: tuple[float, np.ndarray], strength: float) -> tuple[float, np.ndarray]:
+    # -- per-configuration terms (models.config_terms) ---------------------------------
+    def _reference_terms(self, key: str, X: pd.DataFrame) -> tuple[float, np.ndarray]:
+        gamma, delta = self.terms_for(key)
+        return float(gamma), np.array(delta, dtype=np.float64, copy=True)
+
+    def _terms_predict(self, X: pd.DataFrame, terms: tuple[float, np.ndarray]) -> np.ndarray:
+        return (terms[0] * self.base_predict(X)
+                + linear_predict(X, self.residual_features, terms[1]))
+
+    def _terms_fit(self, X: pd.DataFrame, y: np.ndarray, reference: tuple[float, np.ndarray],
+                   prior_steps: float) -> tuple[float, np.ndarray]:
+        factor = prior_steps / self.config_prior_steps if self.config_prior_steps else 1.0
         gamma, delta = fit_config_terms(
-            base[idx, None], design(X.iloc[idx], self.residual_features), y[idx],
-            np.array([prior[0]]), prior[1], self.config_prior_steps * strength,
-            self.residual_prior_steps * strength)
+            self.base_predict(X)[:, None], design(X, self.residual_features), y,
+            np.array([reference[0]]), reference[1], prior_steps,
+            self.residual_prior_steps * factor, self.config_bound)
         return float(gamma[0]), delta
+
+    def _terms_scaled(self, terms: tuple[float, np.ndarray], factor: float
+                      ) -> tuple[float, np.ndarray]:
+        return terms[0] * factor, terms[1] * factor
+
+    def _terms_vector(self, terms: tuple[float, np.ndarray]) -> np.ndarray:
+        return np.concatenate([[terms[0]], terms[1]])
+
+    def _terms_layout(self, X: pd.DataFrame, y: np.ndarray
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        lower, upper = config_term_bounds(self.base_predict(X)[:, None],
+                                          design(X, self.residual_features), y,
+                                          self.config_bound)
+        names = ["scale", *(f"residual/{n}" for n in self.residual_features)]
+        return names, neutral_terms(1, len(self.residual_features)), lower, upper
+
+    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray, strength: float = 1.0
+                ) -> Selection:
+        return select_terms(self, X, y, key, self.config_prior_steps * strength,
+                            self.config_bound, self.config_selection)
+
+    def _apply(self, key: str, selection: Selection) -> None:
+        if selection.terms is not None:
+            self.config_scale_[key] = float(selection.terms[0])
+            self.config_residual_[key] = np.asarray(selection.terms[1], dtype=np.float64)
+        self.config_choice_[key] = selection.record
 
     def fit(self, X: pd.DataFrame, y: Any = None) -> Hybrid:
         y = target(X, y)
@@ -98,11 +149,10 @@ class Hybrid(StepTimeModel):
         self.config_scale_: dict[str, float] = {}
         self.config_residual_: dict[str, np.ndarray] = {}
         self.transfer_checks_: dict[str, dict[str, Any]] = {}
+        self.config_choice_: dict[str, dict[str, Any]] = {}
         if self.per_config:
-            base = self.base_predict(X)
             for key, idx in config_groups(X).items():
-                self.config_scale_[key], self.config_residual_[key] = self._terms(
-                    X, idx, y, base, self.terms_for(key), 1.0)
+                self._apply(key, self._select(key, X.iloc[idx], y[idx]))
         self.n_features_in_ = len(self.features)
         return self
 
@@ -117,6 +167,7 @@ class Hybrid(StepTimeModel):
         model.config_scale_ = dict(self.config_scale_)
         model.config_residual_ = {k: v.copy() for k, v in self.config_residual_.items()}
         model.transfer_checks_ = {k: dict(v) for k, v in self.transfer_checks_.items()}
+        model.config_choice_ = copy.deepcopy(self.config_choice_)
         model.n_features_in_ = self.n_features_in_
         return model
 
@@ -132,15 +183,14 @@ class Hybrid(StepTimeModel):
 
     def calibrate(self, X: pd.DataFrame, y: Any = None) -> Hybrid:
         """A copy calibrated on the target steps ``X``: per configuration, run the transfer
-        check on the base model, then fit (γ, δ) with priors weakened when it failed."""
+        check on the base model, then choose (γ, δ) with the candidates' priors weakened
+        when it failed."""
         y = target(X, y)
         model = self._copy_fitted()
-        base = self.base_predict(X)
         for key, idx in config_groups(X).items():
             check = self.transfer_check(X.iloc[idx], y[idx])
             strength = 1.0 if check.passed else self.failed_prior_factor
-            model.config_scale_[key], model.config_residual_[key] = self._terms(
-                X, idx, y, base, self.terms_for(key), strength)
+            model._apply(key, self._select(key, X.iloc[idx], y[idx], strength))
             model.transfer_checks_[key] = check.to_dict()
         return model
 
@@ -209,6 +259,10 @@ class Hybrid(StepTimeModel):
                                                              self.config_residual_[k]),
                                "transfer_check": self.transfer_checks_.get(k)}
                            for k in sorted(self.config_scale_)},
+            "transfer_checks": {k: v for k, v in sorted(self.transfer_checks_.items())
+                                if k not in self.config_scale_},
+            "calibration": calibration_block(self.config_bound, self.config_prior_steps,
+                                             self.config_selection, self.config_choice_),
         }
 
     @classmethod
@@ -232,5 +286,7 @@ class Hybrid(StepTimeModel):
         model.config_residual_ = {key: coefficient_values(v["residual"]) for key, v in per.items()}
         model.transfer_checks_ = {key: v["transfer_check"] for key, v in per.items()
                                   if v.get("transfer_check") is not None}
+        model.transfer_checks_.update(data.get("transfer_checks") or {})
+        model.config_choice_ = restore_choices(data)
         model.n_features_in_ = len(model.features)
         return model

@@ -12,8 +12,11 @@ Fitting, on squared relative error:
    mixture-of-experts M-step with fixed gates), shrunk toward the global set with a
    prior worth ``regime_prior_steps`` steps — an empty regime is exactly the global set,
    a small one stays close to it;
-3. per configuration, the experts again, shrunk toward step 2 with a prior worth
-   ``config_prior_steps`` steps (also what ``calibrate`` does on a target).
+3. per configuration, the choice of ``models.config_terms`` (also what ``calibrate``
+   does on a target): the pooled experts, one scale on them, or the experts again
+   shrunk toward them with a prior worth a few multiples of ``config_prior_steps``
+   steps, each coefficient within its physical range around the pooled expert of its
+   regime (bounds of the solver).
 
 ``boundary_jumps`` measures how much the prediction moves when a step's regime ratio
 crosses a boundary (the discontinuity a hard switch would show).
@@ -21,6 +24,7 @@ crosses a boundary (the discontinuity a hard switch would show).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,12 +34,15 @@ import pandas as pd
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.models.base import (
     StepTimeModel,
+    calibration_block,
     coefficient_table,
     coefficient_values,
     correction_mask,
     priors,
+    restore_choices,
     target,
 )
+from blis_model.models.config_terms import KAPPA, Selection, select_terms, term_bounds
 from blis_model.models.linear import columns_fn, config_groups, linear_predict, relative_stats
 from blis_model.models.regimes import (
     COMPUTE_FEATURES,
@@ -46,7 +53,7 @@ from blis_model.models.regimes import (
     gate_weights,
     regime_counts,
 )
-from blis_model.models.solvers import nonneg_ridge
+from blis_model.models.solvers import bounded_ridge, nonneg_ridge
 
 LAUNCH_FEATURES = ("step_overhead", "layer_kernels", "moe_layer_overhead")
 """Per-step host costs (counts constant within a configuration) whose fitted µs make the
@@ -65,7 +72,8 @@ class MoLERD(StepTimeModel):
                  kv_threshold: float = 0.9, saturation_fraction: float = 0.95,
                  compute_features: Sequence[str] = COMPUTE_FEATURES,
                  memory_features: Sequence[str] = MEMORY_FEATURES,
-                 learn_launch_floor: bool = True) -> None:
+                 learn_launch_floor: bool = True, config_bound: float = KAPPA,
+                 config_selection: str = "cv") -> None:
         self.features = features
         self.ridge = ridge
         self.regime_prior_steps = regime_prior_steps
@@ -79,6 +87,8 @@ class MoLERD(StepTimeModel):
         self.compute_features = compute_features
         self.memory_features = memory_features
         self.learn_launch_floor = learn_launch_floor
+        self.config_bound = config_bound
+        self.config_selection = config_selection
 
     # -- regimes ------------------------------------------------------------------------
     @property
@@ -100,10 +110,12 @@ class MoLERD(StepTimeModel):
 
     # -- fitting ------------------------------------------------------------------------
     def _fit_experts(self, X: pd.DataFrame, y: np.ndarray, W: np.ndarray, prior: np.ndarray,
-                     prior_steps: float) -> np.ndarray:
+                     prior_steps: float, bounded: bool = False) -> np.ndarray:
         """The (regimes, features) experts: each fit on every step weighted by its regime
         weight (the mixture-of-experts M-step), shrunk toward ``prior`` with a weight of
-        ``prior_steps`` steps. A regime without weight keeps its prior exactly."""
+        ``prior_steps`` steps (``bounded``: inside the physical ranges around the pooled
+        experts, ``config_terms.term_bounds``). A regime without weight keeps its prior
+        exactly."""
         names = list(self.features)
         rows = columns_fn(X, names)
         out = np.array(prior, dtype=np.float64, copy=True)
@@ -111,8 +123,57 @@ class MoLERD(StepTimeModel):
         for k in range(W.shape[1]):
             if W[:, k].sum() > 0:
                 stats = relative_stats(rows, y, w=W[:, k])
-                out[k] = nonneg_ridge(stats, prior[k], penalty)
+                if bounded:
+                    lower, upper = term_bounds(self.regime_coef_[k], stats.column_scale,
+                                               self.config_bound)
+                    out[k] = bounded_ridge(stats, prior[k], penalty, lower, upper)
+                else:
+                    out[k] = nonneg_ridge(stats, prior[k], penalty)
         return out
+
+    # -- per-configuration terms (models.config_terms) ---------------------------------
+    def _reference_terms(self, key: str, X: pd.DataFrame) -> np.ndarray:
+        return np.array(self.coefficients_for(key), dtype=np.float64, copy=True)
+
+    def _terms_predict(self, X: pd.DataFrame, terms: np.ndarray) -> np.ndarray:
+        W = self.regime_weights(X)
+        names = list(self.features)
+        return sum(W[:, k] * linear_predict(X, names, terms[k]) for k in range(len(REGIMES)))
+
+    def _terms_fit(self, X: pd.DataFrame, y: np.ndarray, reference: np.ndarray,
+                   prior_steps: float) -> np.ndarray:
+        return self._fit_experts(X, y, self.regime_weights(X), reference, prior_steps,
+                                 bounded=True)
+
+    def _terms_scaled(self, terms: np.ndarray, factor: float) -> np.ndarray:
+        return terms * factor
+
+    def _terms_vector(self, terms: np.ndarray) -> np.ndarray:
+        return np.asarray(terms).ravel()
+
+    def _terms_layout(self, X: pd.DataFrame, y: np.ndarray
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        names = list(self.features)
+        W = self.regime_weights(X)
+        rows = columns_fn(X, names)
+        lower, upper = [], []
+        for k in range(len(REGIMES)):
+            scale = (relative_stats(rows, y, w=W[:, k]).column_scale if W[:, k].sum() > 0
+                     else np.zeros(len(names)))
+            lo, hi = term_bounds(self.regime_coef_[k], scale, self.config_bound)
+            lower.append(lo)
+            upper.append(hi)
+        labels = [f"{r}/{n}" for r in REGIMES for n in names]
+        return labels, self.regime_coef_.ravel(), np.concatenate(lower), np.concatenate(upper)
+
+    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
+        return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
+                            self.config_selection)
+
+    def _apply(self, key: str, selection: Selection) -> None:
+        if selection.terms is not None:
+            self.config_coef_[key] = np.asarray(selection.terms, dtype=np.float64)
+        self.config_choice_[key] = selection.record
 
     def fit(self, X: pd.DataFrame, y: Any = None) -> MoLERD:
         y = target(X, y)
@@ -129,10 +190,10 @@ class MoLERD(StepTimeModel):
         self.regime_coef_ = self._fit_experts(X, y, W, prior, self.regime_prior_steps)
         self.regime_steps_ = regime_counts(self.regimes(X))
         self.config_coef_: dict[str, np.ndarray] = {}
+        self.config_choice_: dict[str, dict[str, Any]] = {}
         if self.per_config:
             for key, idx in config_groups(X).items():
-                self.config_coef_[key] = self._fit_experts(
-                    X.iloc[idx], y[idx], W[idx], self.regime_coef_, self.config_prior_steps)
+                self._apply(key, self._select(key, X.iloc[idx], y[idx]))
         self.n_features_in_ = len(names)
         return self
 
@@ -143,19 +204,18 @@ class MoLERD(StepTimeModel):
         model.regime_steps_ = dict(self.regime_steps_)
         model.launch_coef_ = dict(self.launch_coef_)
         model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
+        model.config_choice_ = copy.deepcopy(self.config_choice_)
         model.n_features_in_ = self.n_features_in_
         return model
 
     def calibrate(self, X: pd.DataFrame, y: Any = None) -> MoLERD:
-        """A copy whose per-configuration experts are refit on ``X`` (few target steps),
-        shrunk toward the experts this model uses for that configuration now (its own if
-        known, else the pooled regime experts)."""
+        """A copy whose per-configuration experts are chosen and refit on ``X`` (few
+        target steps) around the experts this model uses for that configuration now (its
+        own if known, else the pooled regime experts)."""
         y = target(X, y)
         model = self._copy_fitted()
-        W = self.regime_weights(X)
         for key, idx in config_groups(X).items():
-            model.config_coef_[key] = self._fit_experts(
-                X.iloc[idx], y[idx], W[idx], self.coefficients_for(key), self.config_prior_steps)
+            model._apply(key, self._select(key, X.iloc[idx], y[idx]))
         return model
 
     # -- prediction ---------------------------------------------------------------------
@@ -196,6 +256,8 @@ class MoLERD(StepTimeModel):
             "global": coefficient_table(self.features, self.coef_),
             "per_regime": self._regime_tables(self.regime_coef_),
             "per_config": {k: self._regime_tables(v) for k, v in sorted(self.config_coef_.items())},
+            "calibration": calibration_block(self.config_bound, self.config_prior_steps,
+                                             self.config_selection, self.config_choice_),
         }
 
     @classmethod
@@ -214,6 +276,7 @@ class MoLERD(StepTimeModel):
         model.launch_coef_ = {r["feature"]: float(r["value"])
                               for r in data.get("launch_floor", [])}
         model.config_coef_ = {k: stack(v) for k, v in data["per_config"].items()}
+        model.config_choice_ = restore_choices(data)
         model.n_features_in_ = len(model.features)
         return model
 

@@ -16,7 +16,10 @@ ratio: StepTime = w·c + (1−w)·g with w = c^p/(g^p + c^p) up to the p-norm's 
 
 Fit: non-negative least squares on relative error (scipy ``least_squares``, analytic
 Jacobian, cost linear in rows), ridge toward the prior on the GPU corrections; a global
-set plus one set per configuration shrunk toward it (``config_prior_steps``).
+set plus, per configuration, the choice of ``models.config_terms`` (the global set, one
+scale on it — the smooth max is homogeneous of degree 1, so scaling both experts scales
+the step — or its own set shrunk toward the global one), every coefficient inside its
+physical range as bounds of the solver.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from scipy.optimize import least_squares
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.features.registry import REGISTRY
 from blis_model.models.base import ConfigCoefficientSets, design, target
+from blis_model.models.config_terms import KAPPA
 from blis_model.models.solvers import RelativeGram, nonneg_ridge
 
 DEFAULT_GPU = tuple(n for n in PHYSICS_FEATURES if REGISTRY[n].kind == "correction")
@@ -57,7 +61,8 @@ class Overlap(ConfigCoefficientSets):
     def __init__(self, gpu_features: Sequence[str] = DEFAULT_GPU,
                  cpu_features: Sequence[str] = DEFAULT_CPU, power: float = 3.0,
                  ridge: float = 0.1, per_config: bool = True,
-                 config_prior_steps: float = 20.0, max_iterations: int = 200) -> None:
+                 config_prior_steps: float = 20.0, max_iterations: int = 200,
+                 config_bound: float = KAPPA, config_selection: str = "cv") -> None:
         self.gpu_features = gpu_features
         self.cpu_features = cpu_features
         self.power = power
@@ -65,6 +70,8 @@ class Overlap(ConfigCoefficientSets):
         self.per_config = per_config
         self.config_prior_steps = config_prior_steps
         self.max_iterations = max_iterations
+        self.config_bound = config_bound
+        self.config_selection = config_selection
 
     # -- helpers ------------------------------------------------------------------------
     @property
@@ -76,8 +83,10 @@ class Overlap(ConfigCoefficientSets):
         return theta[:k], theta[k:]
 
     def _solve(self, G: np.ndarray, C: np.ndarray, y: np.ndarray, prior: np.ndarray,
-               penalty: np.ndarray, start: np.ndarray) -> np.ndarray:
-        """argmin_{θ ≥ 0} Σ(ŷ/y − 1)² + Σ penalty_k·s_k²·(θ_k − prior_k)²."""
+               penalty: np.ndarray, start: np.ndarray,
+               bounds: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """argmin_{lower ≤ θ ≤ upper} Σ(ŷ/y − 1)² + Σ penalty_k·s_k²·(θ_k − prior_k)²
+        (``bounds`` default: θ ≥ 0)."""
         A = np.column_stack([G, C]) / y[:, None]
         scale = np.sqrt((A * A).mean(axis=0))
         scale[scale == 0] = 1.0
@@ -100,8 +109,17 @@ class Overlap(ConfigCoefficientSets):
             return np.vstack([J, np.diag(weight)])
 
         # a feature the data never exercises (an all-zero column) keeps its prior exactly
-        active = (A != 0).any(axis=0)
-        theta = np.where(active, np.clip(start, 1e-9, None), np.maximum(prior, 0.0))
+        exercised = (A != 0).any(axis=0)
+        if bounds is None:
+            lower, upper = np.zeros(len(prior)), np.full(len(prior), np.inf)
+            active = exercised
+            theta = np.where(active, np.clip(start, 1e-9, None), np.maximum(prior, 0.0))
+        else:
+            lower, upper = (np.asarray(b, dtype=np.float64) for b in bounds)
+            # a range of a single value fixes the coefficient there
+            active = exercised & (upper - lower > 1e-12 * np.maximum(np.abs(lower), 1.0))
+            theta = np.where(active, np.clip(np.maximum(start, 1e-9), lower, upper),
+                             np.where(exercised, lower, prior))
         if not active.any():
             return theta
 
@@ -111,10 +129,16 @@ class Overlap(ConfigCoefficientSets):
         def free_jacobian(free: np.ndarray) -> np.ndarray:
             return jacobian(_scatter(free, active, theta))[:, active]
 
-        result = least_squares(free_residuals, theta[active], jac=free_jacobian,
-                               bounds=(0.0, np.inf), x_scale="jac",
-                               max_nfev=self.max_iterations, method="trf")
-        return _scatter(result.x, active, theta)
+        x0 = np.clip(theta[active], lower[active], upper[active])
+        lo, hi = lower[active], upper[active]
+        result = least_squares(free_residuals, x0, jac=free_jacobian, bounds=(lo, hi),
+                               x_scale="jac", max_nfev=self.max_iterations, method="trf")
+        # the interior-point solver stops a hair inside an active bound: a coefficient
+        # whose distance to its bound is < 1e-10 of a step (RMS) IS at the bound
+        s = scale[active]
+        x = np.where((result.x - lo) * s < 1e-10, lo, result.x)
+        x = np.where((hi - x) * s < 1e-10, hi, x)
+        return _scatter(x, active, theta)
 
     def _start(self, G: np.ndarray, C: np.ndarray, y: np.ndarray, prior: np.ndarray
                ) -> np.ndarray:
@@ -141,10 +165,13 @@ class Overlap(ConfigCoefficientSets):
         self._fit_config_sets(X, y)
         return self
 
-    def _fit_config(self, X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
+    def _fit_config(self, X: pd.DataFrame, y: np.ndarray, reference: np.ndarray,
+                    prior_steps: float) -> np.ndarray:
+        """One configuration's set: shrunk toward ``reference`` with a prior worth
+        ``prior_steps`` steps, inside the physical ranges (bounds of the solver)."""
         G, C = design(X, self.gpu_features), design(X, self.cpu_features)
-        penalty = np.full(len(self.coef_), float(self.config_prior_steps))
-        return self._solve(G, C, y, self.coef_, penalty, self.coef_)
+        penalty = np.full(len(self.coef_), float(prior_steps))
+        return self._solve(G, C, y, reference, penalty, reference, self._bounds(X, y))
 
     # -- prediction ---------------------------------------------------------------------
     def _predict_with(self, X: pd.DataFrame, coef: np.ndarray) -> np.ndarray:

@@ -5,11 +5,14 @@ overheads). Coefficients are non-negative, fit on squared relative error, and
 ridge-regularised toward the physical prior (corrections = 1, overheads free).
 
 Two levels: a *global* coefficient set fit on all experiments pooled (features are
-already hardware-normalised, so corrections transfer across GPUs), and one set per
-*configuration* (``config_key``) shrunk toward the global set with a prior worth
-``config_prior_steps`` pseudo-observations — so a configuration seen with few steps
-stays close to the global physics and one seen with many steps follows its data.
-``predict`` uses a configuration's own set when it has one, else the global set.
+already hardware-normalised, so corrections transfer across GPUs), and per
+*configuration* (``config_key``) the choice of ``models.config_terms``: the global set,
+one scale on it, or its own set shrunk toward the global one with a prior worth a few
+multiples of ``config_prior_steps`` pseudo-observations, each coefficient within its
+physical range — chosen by time-ordered cross-validation on the configuration's steps.
+PICF does the whole choice from per-block sufficient statistics
+(:func:`block_statistics`), so fits from shard statistics select exactly as fits on
+frames. ``predict`` uses a configuration's own set when it has one, else the global set.
 """
 
 from __future__ import annotations
@@ -22,7 +25,24 @@ import pandas as pd
 
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.models.base import ConfigCoefficientSets, correction_mask, design, priors, target
-from blis_model.models.solvers import RelativeGram, nonneg_ridge
+from blis_model.models.config_terms import (
+    KAPPA,
+    N_BLOCKS,
+    Candidate,
+    Fold,
+    Selection,
+    candidates,
+    check_selection,
+    choose,
+    cv_folds,
+    moved_terms,
+    msre_from_stats,
+    record,
+    scale_from_stats,
+    term_bounds,
+    time_blocks,
+)
+from blis_model.models.solvers import RelativeGram, bounded_ridge, nonneg_ridge
 
 OVERHEAD_RIDGE = 1e-4
 
@@ -33,11 +53,14 @@ class PICF(ConfigCoefficientSets):
     family = "picf"
 
     def __init__(self, features: Sequence[str] = PHYSICS_FEATURES, ridge: float = 0.1,
-                 per_config: bool = True, config_prior_steps: float = 50.0) -> None:
+                 per_config: bool = True, config_prior_steps: float = 50.0,
+                 config_bound: float = KAPPA, config_selection: str = "cv") -> None:
         self.features = features
         self.ridge = ridge
         self.per_config = per_config
         self.config_prior_steps = config_prior_steps
+        self.config_bound = config_bound
+        self.config_selection = config_selection
 
     # -- fitting ------------------------------------------------------------------------
     def _global_penalty(self, n: float) -> np.ndarray:
@@ -47,10 +70,76 @@ class PICF(ConfigCoefficientSets):
         configuration launches the same kernels) instead of leaving it to rounding."""
         return np.where(correction_mask(self.features), self.ridge * n, OVERHEAD_RIDGE * n)
 
-    def _fit_config(self, X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
-        stats = RelativeGram.from_rows(design(X, self.features), y)
-        penalty = np.full(len(self.coef_), float(self.config_prior_steps))
-        return nonneg_ridge(stats, self.coef_, penalty)
+    def _fit_config(self, X: pd.DataFrame, y: np.ndarray, reference: np.ndarray,
+                    prior_steps: float) -> np.ndarray:
+        return self.terms_from_stats(RelativeGram.from_rows(design(X, self.features), y),
+                                     reference, prior_steps)
+
+    def terms_from_stats(self, stats: RelativeGram, reference: np.ndarray,
+                         prior_steps: float) -> np.ndarray:
+        """One configuration's set from its statistics: shrunk toward ``reference`` with a
+        prior worth ``prior_steps`` steps, every coefficient inside its physical range
+        (``config_terms.term_bounds`` around the global set) — a box constraint of the
+        solver."""
+        lower, upper = term_bounds(self.coef_, stats.column_scale, self.config_bound)
+        return bounded_ridge(stats, reference, np.full(len(self.coef_), float(prior_steps)),
+                             lower, upper)
+
+    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
+        return self.select_from_blocks(key, block_statistics(X, y, self.features))
+
+    def select_from_blocks(self, key: str, blocks: Sequence[RelativeGram]) -> Selection:
+        """The choice of ``models.config_terms`` for configuration ``key`` from the
+        statistics of its :data:`~blis_model.models.config_terms.N_BLOCKS` time blocks
+        (:func:`block_statistics`, summed over its experiments): every candidate, fold and
+        CV error from sums, equal to the frame computation."""
+        reference = np.array(self.coefficients_for(key), dtype=np.float64, copy=True)
+        total = sum(blocks[1:], blocks[0])
+        steps = int(round(total.sum_w))
+        cands = candidates(self.config_prior_steps)
+        if check_selection(self.config_selection) == "terms":
+            fixed = Candidate("terms", float(self.config_prior_steps))
+            coef = self.terms_from_stats(total, reference, float(self.config_prior_steps))
+            rec = record(steps, [], {}, [fixed], fixed, "config_selection='terms'")
+            return Selection(fixed, coef, self._with_moved(rec, coef, total))
+        folds, guard_fold = cv_folds([b.sum_w for b in blocks])
+        if len(folds) < 2:
+            rec = record(steps, folds, {}, cands, cands[0],
+                         f"too few steps for time-ordered cross-validation ({steps}): "
+                         "the reference terms are kept")
+            return Selection(cands[0], None, rec)
+
+        def fold_errors(fold: Fold) -> dict[str, float]:
+            train = sum((blocks[b] for b in fold[0][1:]), blocks[fold[0][0]])
+            valid = blocks[fold[1]]
+            out = {"none": msre_from_stats(valid, reference)}
+            s = scale_from_stats(train, reference, self.config_bound)
+            out["scale"] = msre_from_stats(valid, s * reference)
+            for c in cands[2:]:
+                coef = self.terms_from_stats(train, reference, float(c.prior_steps))
+                out[c.label] = msre_from_stats(valid, coef)
+            return out
+
+        per_fold = [fold_errors(f) for f in folds]
+        errors = {c.label: [e[c.label] for e in per_fold] for c in cands}
+        guard = fold_errors(guard_fold) if guard_fold is not None else None
+        label, reason = choose(errors, [c.label for c in cands], guard=guard)
+        chosen = next(c for c in cands if c.label == label)
+        coef, s = None, None
+        if chosen.kind == "scale":
+            s = scale_from_stats(total, reference, self.config_bound)
+            coef = s * reference
+        elif chosen.kind == "terms":
+            coef = self.terms_from_stats(total, reference, float(chosen.prior_steps))
+        rec = record(steps, folds, errors, cands, chosen, reason, s, guard)
+        return Selection(chosen, coef, self._with_moved(rec, coef, total))
+
+    def _with_moved(self, rec: dict[str, Any], coef: np.ndarray | None, stats: RelativeGram
+                    ) -> dict[str, Any]:
+        lower, upper = term_bounds(self.coef_, stats.column_scale, self.config_bound)
+        rec["moved"] = ([] if coef is None else
+                        moved_terms(list(self.features), self.coef_, coef, lower, upper))
+        return rec
 
     def fit(self, X: pd.DataFrame, y: Any = None) -> PICF:
         y = target(X, y)
@@ -72,6 +161,19 @@ class PICF(ConfigCoefficientSets):
         compiled step time, ``requests.step_time``)."""
         return [(tuple(self.features), self.coefficients_for(config_key))], _first
 
+    def fit_config_sets_from_blocks(self, per_config: dict[str, Sequence[RelativeGram]]
+                                    ) -> PICF:
+        """Choose every configuration's set from its block statistics (what ``fit`` does
+        from frames; the scale path sums shard statistics): ``coef_`` must be set."""
+        self.config_coef_ = {}
+        self.config_choice_ = {}
+        if self.per_config:
+            for key in sorted(per_config):
+                blocks = per_config[key]
+                if sum(b.sum_w for b in blocks) > 0:
+                    self._apply(key, self.select_from_blocks(key, blocks))
+        return self
+
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,3 +194,18 @@ class PICF(ConfigCoefficientSets):
 
 def _first(values: Sequence[float]) -> float:
     return values[0]
+
+
+def block_statistics(X: pd.DataFrame, y: np.ndarray, features: Sequence[str],
+                     blocks: np.ndarray | None = None) -> list[RelativeGram]:
+    """PICF statistics of each of the ``N_BLOCKS`` time blocks of ``X``
+    (``config_terms.time_blocks``: each experiment's steps by step id, cut in equal
+    contiguous parts); an empty block has all-zero statistics."""
+    blocks = time_blocks(X) if blocks is None else blocks
+    A = design(X, features)
+    y = np.asarray(y, dtype=np.float64)
+    out = []
+    for b in range(N_BLOCKS):
+        rows = blocks == b
+        out.append(RelativeGram.from_rows(A[rows], y[rows]))
+    return out

@@ -39,12 +39,14 @@ def pilot_prediction(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 def fit_quantile(X: np.ndarray, y: np.ndarray, q: float, prior: np.ndarray | None = None,
                  penalty: np.ndarray | None = None, pilot: np.ndarray | None = None,
                  smoothing: float = 1e-3, max_iter: int = 300, x0: np.ndarray | None = None,
-                 anneal_rows: int = 200_000) -> np.ndarray:
+                 anneal_rows: int = 200_000, lower: np.ndarray | None = None,
+                 upper: np.ndarray | None = None) -> np.ndarray:
     """β ≥ 0 of the q-quantile of y given the features X (rows × p), see module docstring.
 
     ``penalty`` is in pseudo-observations (0 = free); all-zero columns get their prior.
-    The coarse annealing stages run on an evenly strided subsample of at most
-    ``anneal_rows`` rows; the final stage always uses every row.
+    ``lower`` / ``upper`` (default 0 / inf) bound β — box constraints of L-BFGS-B and
+    of the Newton polish. The coarse annealing stages run on an evenly strided subsample
+    of at most ``anneal_rows`` rows; the final stage always uses every row.
     """
     if not 0.0 < q < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {q}")
@@ -67,9 +69,14 @@ def fit_quantile(X: np.ndarray, y: np.ndarray, q: float, prior: np.ndarray | Non
     A /= s
     b_prior = prior[active] * s
     pen = penalty[active]
+    lo = np.zeros(p) if lower is None else np.asarray(lower, dtype=np.float64)
+    hi = np.full(p, np.inf) if upper is None else np.asarray(upper, dtype=np.float64)
+    lo, hi = lo[active] * s, hi[active] * s
     start = (x0[active] * s) if x0 is not None else np.linalg.lstsq(
         A[: min(n, 20000)], t[: min(n, 20000)], rcond=None)[0]
-    b = np.maximum(start, 0.0)
+    b = np.clip(np.maximum(start, 0.0), lo, hi)
+    box = [(float(a), None if not np.isfinite(c) else float(c)) for a, c in zip(lo, hi,
+                                                                                strict=True)]
 
     def objective(b: np.ndarray, h: float, Ar: np.ndarray, tr: np.ndarray
                   ) -> tuple[float, np.ndarray]:
@@ -86,16 +93,19 @@ def fit_quantile(X: np.ndarray, y: np.ndarray, q: float, prior: np.ndarray | Non
     stages = [(h, coarse) for h in ANNEAL if h > smoothing] + [(smoothing, (A, t))]
     for h, (Ar, tr) in stages:
         res = minimize(objective, b, args=(h, Ar, tr), jac=True, method="L-BFGS-B",
-                       bounds=[(0.0, None)] * len(b),
+                       bounds=box,
                        options={"maxiter": max_iter, "ftol": 1e-13, "gtol": 1e-9})
         b = res.x
-    b = newton_polish(b, lambda x: objective(x, smoothing, A, t), A, t, q, smoothing, pen, n)
+    b = newton_polish(b, lambda x: objective(x, smoothing, A, t), A, t, q, smoothing, pen, n,
+                      lower=lo, upper=hi)
     beta[active] = b / s
     return beta
 
 
 def newton_polish(b: np.ndarray, objective: object, A: np.ndarray, t: np.ndarray, q: float,
-                  h: float, pen: np.ndarray, n: int, iterations: int = 30) -> np.ndarray:
+                  h: float, pen: np.ndarray, n: int, iterations: int = 30,
+                  lower: np.ndarray | None = None, upper: np.ndarray | None = None
+                  ) -> np.ndarray:
     """Projected Newton steps from L-BFGS-B's stopping point to the optimum itself.
 
     L-BFGS-B stops where its gradient test passes, a point that depends on the path (and
@@ -103,10 +113,12 @@ def newton_polish(b: np.ndarray, objective: object, A: np.ndarray, t: np.ndarray
     near the quantile, and Newton's method converges quadratically there, so the
     polished β is the optimum to rounding, the same on every machine. Coordinates at
     their bound with a gradient pushing outward stay fixed; a step that does not lower
-    the objective is halved."""
+    the objective is halved. ``lower`` / ``upper`` (default 0 / inf) are the box."""
+    lower = np.zeros(len(b)) if lower is None else lower
+    upper = np.full(len(b), np.inf) if upper is None else upper
     value, grad = objective(b)  # type: ignore[operator]
     for _ in range(iterations):
-        free = (b > 0) | (grad < 0)
+        free = ((b > lower) | (grad < 0)) & ((b < upper) | (grad > 0))
         if not free.any():
             break
         r = t - A @ b
@@ -119,7 +131,7 @@ def newton_polish(b: np.ndarray, objective: object, A: np.ndarray, t: np.ndarray
             break
         candidate = b.copy()
         for _ in range(40):
-            candidate[free] = np.maximum(b[free] + step, 0.0)
+            candidate[free] = np.clip(b[free] + step, lower[free], upper[free])
             new_value, new_grad = objective(candidate)  # type: ignore[operator]
             if new_value <= value:
                 break

@@ -3,8 +3,13 @@
 * **Quantile regression** (p50, p90, p99 by default): non-negative coefficients over the
   physics features per quantile, fit with the smoothed-pinball L-BFGS-B solver of
   ``models.quantile`` (linear in rows), robust to the heavy tail of step times.
-* **Specialists**: one coefficient set per quantile and per configuration, shrunk toward
-  the pooled (global) set with a prior worth ``config_prior_steps`` steps.
+* **Specialists**: one coefficient set per quantile and per configuration — the choice
+  of ``models.config_terms`` (the reference set, one scale on it, or its own sets shrunk
+  toward it with a prior worth a few multiples of ``config_prior_steps`` steps, each
+  coefficient within its physical range around the global set of its level, bounds of
+  the solver); the reference is the global set in a fresh fit, what the model predicted
+  for the configuration before in ``calibrate``. A specialist is always stored (``none``
+  stores the reference), so every fitted configuration is a neighbour of the ensemble.
 * **Configuration embeddings**: each configuration is a vector of its architecture,
   hardware, TP and scheduler knobs (frame columns ``arch_*``, ``hw_*``, ``tp``,
   ``max_num_*``; log(1 + v), standardised over the training configurations).
@@ -19,6 +24,7 @@ non-crossing by rearrangement).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,12 +34,21 @@ import pandas as pd
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.models.base import (
     StepTimeModel,
+    calibration_block,
     coefficient_table,
     coefficient_values,
     correction_mask,
     design,
     priors,
+    restore_choices,
     target,
+)
+from blis_model.models.config_terms import (
+    KAPPA,
+    Selection,
+    column_scale,
+    select_terms,
+    term_bounds,
 )
 from blis_model.models.linear import config_groups, frame_column, linear_predict
 from blis_model.models.quantile import fit_quantile, pilot_prediction
@@ -64,7 +79,8 @@ class RECE(StepTimeModel):
                  per_config: bool = True, config_prior_steps: float = 50.0,
                  embedding_columns: Sequence[str] | None = None, n_neighbors: int = 3,
                  bandwidth: float = 1.0, global_weight: float = 0.25,
-                 smoothing: float = 1e-3, max_iter: int = 300) -> None:
+                 smoothing: float = 1e-3, max_iter: int = 300, config_bound: float = KAPPA,
+                 config_selection: str = "cv") -> None:
         self.features = features
         self.quantiles = quantiles
         self.ridge = ridge
@@ -76,15 +92,67 @@ class RECE(StepTimeModel):
         self.global_weight = global_weight
         self.smoothing = smoothing
         self.max_iter = max_iter
+        self.config_bound = config_bound
+        self.config_selection = config_selection
 
     # -- fitting ------------------------------------------------------------------------
     def _fit_levels(self, A: np.ndarray, y: np.ndarray, prior: np.ndarray,
-                    penalty: np.ndarray, pilot: np.ndarray) -> np.ndarray:
-        """(quantiles, features) coefficient sets on one design."""
-        return np.vstack([
-            fit_quantile(A, y, q, prior[i], penalty, pilot, self.smoothing, self.max_iter,
-                         x0=prior[i])
-            for i, q in enumerate(self.quantiles)])
+                    penalty: np.ndarray, pilot: np.ndarray, bounded: bool = False
+                    ) -> np.ndarray:
+        """(quantiles, features) coefficient sets on one design (``bounded``: each level
+        inside the physical ranges around its global set)."""
+        out = []
+        for i, q in enumerate(self.quantiles):
+            lower = upper = None
+            if bounded:
+                lower, upper = term_bounds(self.coef_[i], column_scale(A / y[:, None]),
+                                           self.config_bound)
+            out.append(fit_quantile(A, y, q, prior[i], penalty, pilot, self.smoothing,
+                                    self.max_iter, x0=np.clip(prior[i], lower, upper)
+                                    if bounded else prior[i], lower=lower, upper=upper))
+        return np.vstack(out)
+
+    # -- per-configuration terms (models.config_terms) ---------------------------------
+    def _reference_terms(self, key: str, X: pd.DataFrame) -> np.ndarray:
+        idx = np.arange(len(X))
+        emb = self.embed(X, idx) if len(X) else None
+        return np.array(self.coefficients_for(key, emb), dtype=np.float64, copy=True)
+
+    def _terms_predict(self, X: pd.DataFrame, terms: np.ndarray) -> np.ndarray:
+        return self._levels_with(X, terms, np.arange(len(X)))[:, self._median_level()]
+
+    def _terms_fit(self, X: pd.DataFrame, y: np.ndarray, reference: np.ndarray,
+                   prior_steps: float) -> np.ndarray:
+        A = design(X, list(self.features))
+        penalty = np.full(len(self.features), float(prior_steps))
+        return self._fit_levels(A, y, reference, penalty, pilot_prediction(A, y), bounded=True)
+
+    def _terms_scaled(self, terms: np.ndarray, factor: float) -> np.ndarray:
+        return terms * factor
+
+    def _terms_vector(self, terms: np.ndarray) -> np.ndarray:
+        return np.asarray(terms).ravel()
+
+    def _terms_layout(self, X: pd.DataFrame, y: np.ndarray
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        scale = column_scale(design(X, list(self.features)) / y[:, None])
+        bounds = [term_bounds(self.coef_[i], scale, self.config_bound)
+                  for i in range(len(self.quantiles))]
+        names = [f"p{float(q) * 100:g}/{n}" for q in self.quantiles for n in self.features]
+        return (names, self.coef_.ravel(), np.concatenate([b[0] for b in bounds]),
+                np.concatenate([b[1] for b in bounds]))
+
+    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
+        return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
+                            self.config_selection)
+
+    def _apply(self, key: str, selection: Selection, reference: np.ndarray,
+               embedding: np.ndarray) -> None:
+        """Store the chosen specialist (the reference itself for ``none``)."""
+        terms = reference if selection.terms is None else selection.terms
+        self.specialists_[key] = np.asarray(terms, dtype=np.float64)
+        self.embeddings_[key] = embedding
+        self.config_choice_[key] = selection.record
 
     def fit(self, X: pd.DataFrame, y: Any = None) -> RECE:
         y = target(X, y)
@@ -109,12 +177,12 @@ class RECE(StepTimeModel):
             self.embedding_scale_ = np.ones(len(self.embedding_columns_))
         self.specialists_: dict[str, np.ndarray] = {}
         self.embeddings_: dict[str, np.ndarray] = {}
+        self.config_choice_: dict[str, dict[str, Any]] = {}
         if self.per_config:
-            cfg_penalty = np.full(len(names), float(self.config_prior_steps))
-            for key, idx in groups.items():
-                self.specialists_[key] = self._fit_levels(A[idx], y[idx], self.coef_,
-                                                          cfg_penalty, pilot[idx])
-                self.embeddings_[key] = self._standardise(raw[key])
+            # every reference is the global set: choose all before storing any
+            chosen = {key: self._select(key, X.iloc[idx], y[idx]) for key, idx in groups.items()}
+            for key, selection in chosen.items():
+                self._apply(key, selection, self.coef_.copy(), self._standardise(raw[key]))
         self.n_features_in_ = len(names)
         return self
 
@@ -133,23 +201,20 @@ class RECE(StepTimeModel):
         model.embedding_scale_ = self.embedding_scale_.copy()
         model.specialists_ = {k: v.copy() for k, v in self.specialists_.items()}
         model.embeddings_ = {k: v.copy() for k, v in self.embeddings_.items()}
+        model.config_choice_ = copy.deepcopy(self.config_choice_)
         model.n_features_in_ = self.n_features_in_
         return model
 
     def calibrate(self, X: pd.DataFrame, y: Any = None) -> RECE:
-        """A copy with a specialist for every configuration of ``X`` fit on its steps,
-        shrunk toward what the model predicted for it before (its own specialist, or the
+        """A copy with a specialist for every configuration of ``X`` chosen and fit on its
+        steps around what the model predicted for it before (its own specialist, or the
         embedding ensemble when new)."""
         y = target(X, y)
         model = self._copy_fitted()
-        names = list(self.features)
-        penalty = np.full(len(names), float(self.config_prior_steps))
         for key, idx in config_groups(X).items():
-            A = design(X.iloc[idx], names)
-            prior = self.coefficients_for(key, self.embed(X, idx))
-            model.specialists_[key] = self._fit_levels(A, y[idx], prior, penalty,
-                                                       pilot_prediction(A, y[idx]))
-            model.embeddings_[key] = self.embed(X, idx)
+            part = X.iloc[idx]
+            model._apply(key, self._select(key, part, y[idx]),
+                         self._reference_terms(key, part), self.embed(X, idx))
         return model
 
     # -- ensemble -----------------------------------------------------------------------
@@ -187,16 +252,25 @@ class RECE(StepTimeModel):
 
     def predict_quantiles(self, X: pd.DataFrame) -> np.ndarray:
         """(steps, quantiles) predictions, µs, non-decreasing along the levels."""
-        names = list(self.features)
         out = np.empty((len(X), len(self.quantiles)))
         groups = config_groups(X) or {"": np.arange(len(X))}
         for key, idx in groups.items():
             coefs = self.coefficients_for(key, self.embed(X, idx) if len(idx) else None)
-            for i in range(len(self.quantiles)):
-                out[idx, i] = linear_predict(X, names, coefs[i], idx)
+            out[idx] = self._levels_with(X, coefs, idx)
+        return out
+
+    def _levels_with(self, X: pd.DataFrame, coefs: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """(rows idx, quantiles) predictions of one set of levels, non-crossing."""
+        names = list(self.features)
+        out = np.column_stack([linear_predict(X, names, coefs[i], idx)
+                               for i in range(len(self.quantiles))])
         order = np.argsort(np.asarray(self.quantiles, dtype=np.float64))
         out[:, order] = np.maximum.accumulate(out[:, order], axis=1)
         return out
+
+    def _median_level(self) -> int:
+        levels = [float(v) for v in self.quantiles]
+        return self._level(0.5 if 0.5 in levels else min(levels))
 
     def predict_quantile(self, X: pd.DataFrame, q: float) -> np.ndarray:
         return self.predict_quantiles(X)[:, self._level(q)]
@@ -230,6 +304,8 @@ class RECE(StepTimeModel):
             "per_config": {k: {"embedding": self.embeddings_[k].tolist(),
                                "quantiles": self._tables(v)}
                            for k, v in sorted(self.specialists_.items())},
+            "calibration": calibration_block(self.config_bound, self.config_prior_steps,
+                                             self.config_selection, self.config_choice_),
         }
 
     @classmethod
@@ -253,5 +329,6 @@ class RECE(StepTimeModel):
         model.specialists_ = {k: stack(v["quantiles"]) for k, v in data["per_config"].items()}
         model.embeddings_ = {k: np.asarray(v["embedding"], dtype=np.float64)
                              for k, v in data["per_config"].items()}
+        model.config_choice_ = restore_choices(data)
         model.n_features_in_ = len(model.features)
         return model

@@ -307,9 +307,12 @@ def build_golden(coefficients: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for dep in DEPLOYMENTS:
             preds = _predictions(model, frames[dep.name])
             for i, batch in enumerate(names):
+                record = (coef["model"].get("calibration") or {}).get("per_config", {}).get(
+                    config_keys[dep.name])
                 case = {"release": family, "deployment": dep.name, "batch": batch,
                         "config_key": config_keys[dep.name],
                         "calibrated": config_keys[dep.name] in coef["model"]["per_config"],
+                        "calibration_choice": None if record is None else record["choice"],
                         "alphas": alphas}
                 case.update({k: float(v[i]) for k, v in preds.items()})
                 cases.append(case)

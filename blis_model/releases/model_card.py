@@ -151,7 +151,7 @@ def _section_replay(metrics: Mapping[str, Any]) -> list[str]:
 
 
 KeyPath = tuple[str, ...]
-_SKIP_KEYS = {"family", "params", "features"}
+_SKIP_KEYS = {"family", "params", "features", "calibration", "transfer_checks"}
 
 
 def _is_table(value: Any) -> bool:
@@ -250,6 +250,61 @@ def _section_coefficients(m: Mapping[str, Any], coefficients: Mapping[str, Any])
                 out += [title + (f" ({unit})" if unit else ""), "", *_table(
                     list(column.values()),
                     [[_coef(scal[k]["value"]) if k in scal else "–" for k in keys]]), ""]
+    return out
+
+
+def _ratio(value: Any) -> str:
+    return "from 0" if value is None else f"×{float(value):.3g}"
+
+
+def _range(r: Sequence[Any]) -> str:
+    lo, hi = r
+    return f"[{_coef(lo)}, {'∞' if hi is None else _coef(hi)}]"
+
+
+def _section_calibration(coefficients: Mapping[str, Any]) -> list[str]:
+    """How each configuration's terms were chosen (``model.calibration``): the candidates'
+    time-ordered CV errors, the choice and why, and the terms that moved from their
+    global value (ratio), flagging any at a bound of its physical range."""
+    block = (coefficients.get("model") or {}).get("calibration") or {}
+    per = block.get("per_config") or {}
+    if not per:
+        return []
+    method = block.get("method") or {}
+    kappa = method.get("bound_factor")
+    out = ["## Per-configuration calibration", "",
+           f"Choice of each configuration's terms: {method.get('rule', '')}. Candidates: "
+           + ", ".join(f"`{c}`" for c in method.get("candidates", []))
+           + " (`none`: the global or base terms unchanged; `scale`: one factor on the whole "
+           "prediction; `terms@λ`: the configuration's own terms shrunk toward the reference "
+           "with a prior worth λ steps). CV error: RMS relative error of each candidate on "
+           "the validation blocks, %.", ""]
+    out += [f"Physical ranges: {method.get('bounds', '')}, κ = {_num(kappa)}." if kappa
+            else "Physical ranges: none (κ = ∞).", ""]
+    labels = [str(c) for c in method.get("candidates", [])]
+    for rec in per.values():
+        labels += [c["candidate"] for c in rec.get("candidates", [])
+                   if c["candidate"] not in labels]
+    rows = []
+    for key, rec in sorted(per.items()):
+        cv = {c["candidate"]: c.get("cv_rmsre_pct") for c in rec.get("candidates", [])}
+        choice = rec["choice"] + (f" (×{rec['scale']:.3g})" if rec.get("scale") else "")
+        rows.append([f"`{key}`", rec.get("steps"), rec.get("folds"),
+                     *(_num(cv.get(c)) for c in labels), f"**{choice}**", rec.get("reason", "")])
+    out += [*_table(["configuration", "steps", "folds", *(f"CV {c}" for c in labels),
+                     "choice", "why"], rows), ""]
+    for key, rec in sorted(per.items()):
+        moved = rec.get("moved") or []
+        if not moved:
+            continue
+        flagged = sum(1 for m in moved if m.get("at_bound"))
+        out += [f"### Terms that moved: `{key}` ({rec['choice']}; {len(moved)} terms, "
+                f"{flagged} at a bound)", "",
+                *_table(["term", "global", "this configuration", "ratio", "physical range",
+                         "at bound"],
+                        [[m["term"], _coef(m["global"]), _coef(m["config"]), _ratio(m["ratio"]),
+                          _range(m["range"]), f"⚠ {m['at_bound']}" if m.get("at_bound") else ""]
+                         for m in moved]), ""]
     return out
 
 
@@ -392,6 +447,7 @@ def render(manifest: Mapping[str, Any], coefficients: Mapping[str, Any]) -> str:
               else _section_accuracy(metrics))
     lines += _section_plots(manifest)
     lines += _section_coefficients(manifest, coefficients)
+    lines += _section_calibration(coefficients)
     lines += _section_blis(manifest, coefficients)
     lines += _section_requests(manifest)
     lines += _section_problems(manifest)

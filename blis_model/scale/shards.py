@@ -5,11 +5,13 @@ on its own (``featurize.featurize``, streaming its trace object line by line) in
 Parquet *shard* of its feature frame (sorted by step id), and summarised by a
 :class:`ShardSummary`: counts, its ingest report, and the ``RelativeGram`` sufficient
 statistics of the PICF feature set — over all its steps and over the first 70% of them
-(the temporal-holdout train part). Statistics add up, so:
+(the temporal-holdout train part), each also per time block (``models.config_terms``:
+the shard's steps by step id cut in equal contiguous blocks). Statistics add up, so:
 
-* :func:`fit_picf_from_stats` fits PICF (global set from the summed statistics, one set
-  per configuration from that configuration's sum) exactly as ``PICF.fit`` on the
-  concatenated frames would;
+* :func:`fit_picf_from_stats` fits PICF (global set from the summed statistics; each
+  configuration's choice of terms — by time-ordered cross-validation — from that
+  configuration's summed block statistics) exactly as ``PICF.fit`` on the concatenated
+  frames would;
 * :func:`loo_fold_from_stats` fits a leave-one-experiment-out fold from the statistics of
   the other configurations and predicts the held-out experiment by reading its shard only;
 * :func:`temporal_from_stats` and :func:`in_sample_from_shard` score one shard at a time.
@@ -43,13 +45,14 @@ from blis_model.errors import CorpusError
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.metrics import summary
 from blis_model.models.base import design, priors
-from blis_model.models.picf import PICF
+from blis_model.models.config_terms import N_BLOCKS, block_of_positions
+from blis_model.models.picf import PICF, block_statistics
 from blis_model.models.solvers import RelativeGram, nonneg_ridge
 from blis_model.requests.stage import AlphaSample, RequestSettings, data_report
 from blis_model.storage import filesystem, join, redact, storage_errors, write_bytes_atomic
 
 SHARD_DIR = "shards"
-SUMMARY_FORMAT = 2
+SUMMARY_FORMAT = 3
 ID_COLUMNS = ("experiment", "config_key", "step_id", "duration_us")
 
 
@@ -85,9 +88,10 @@ def total(stats: Iterable[RelativeGram], p: int) -> RelativeGram:
 class ShardSummary:
     """One experiment's shard: where it is, its row counts, its ingest report (dict) and
     the PICF statistics over all rows (``stats``) and the temporal train part
-    (``train_stats``, the first ``train_rows`` rows by step id). ``seconds`` and
-    ``peak_rss_mb`` describe the featurization that wrote it (``from_cache`` when it was
-    read back instead)."""
+    (``train_stats``, the first ``train_rows`` rows by step id), and the same per time
+    block (``block_stats``, ``train_block_stats``: ``models.config_terms.N_BLOCKS``
+    each). ``seconds`` and ``peak_rss_mb`` describe the featurization that wrote it
+    (``from_cache`` when it was read back instead)."""
 
     experiment: str
     config_key: str
@@ -102,6 +106,8 @@ class ShardSummary:
     peak_rss_mb: float = 0.0
     from_cache: bool = False
     requests: dict[str, Any] | None = None  # requests.stage.data_report; None: no journeys
+    block_stats: tuple[RelativeGram, ...] = ()
+    train_block_stats: tuple[RelativeGram, ...] = ()
 
     @property
     def alpha_url(self) -> str:
@@ -115,7 +121,9 @@ class ShardSummary:
                 "features": list(self.features), "stats": _gram_to_dict(self.stats),
                 "train_stats": _gram_to_dict(self.train_stats), "report": self.report,
                 "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
-                "requests": self.requests}
+                "requests": self.requests,
+                "block_stats": [_gram_to_dict(g) for g in self.block_stats],
+                "train_block_stats": [_gram_to_dict(g) for g in self.train_block_stats]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], shard_url: str) -> ShardSummary:
@@ -125,7 +133,9 @@ class ShardSummary:
                    int(d["train_rows"]), tuple(d["features"]), _gram_from_dict(d["stats"]),
                    _gram_from_dict(d["train_stats"]), dict(d["report"]),
                    float(d["seconds"]), float(d["peak_rss_mb"]), from_cache=True,
-                   requests=d.get("requests"))
+                   requests=d.get("requests"),
+                   block_stats=tuple(_gram_from_dict(g) for g in d["block_stats"]),
+                   train_block_stats=tuple(_gram_from_dict(g) for g in d["train_block_stats"]))
 
 
 def summary_url(shard_url: str) -> str:
@@ -146,6 +156,15 @@ def frame_stats(frame: pd.DataFrame, features: Sequence[str]) -> RelativeGram:
     if not len(frame):
         return empty_gram(len(features))
     return RelativeGram.from_rows(design(frame, features), frame["duration_us"].to_numpy())
+
+
+def frame_block_stats(frame: pd.DataFrame, features: Sequence[str]) -> tuple[RelativeGram, ...]:
+    """PICF statistics of each time block of a frame sorted by step id (as
+    ``models.picf.block_statistics`` on one experiment)."""
+    if not len(frame):
+        return tuple(empty_gram(len(features)) for _ in range(N_BLOCKS))
+    return tuple(block_statistics(frame, frame["duration_us"].to_numpy(), features,
+                                  block_of_positions(len(frame))))
 
 
 def train_rows(n: int, train_fraction: float = TRAIN_FRACTION) -> int:
@@ -181,7 +200,8 @@ def featurize_to_shard(experiment: Experiment, shard_url: str, options: dict | N
         stats=frame_stats(frame, features), train_stats=frame_stats(frame.iloc[:k], features),
         report=item.report.to_dict(max_problems=20),
         seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb(),
-        requests=request_report)
+        requests=request_report, block_stats=frame_block_stats(frame, features),
+        train_block_stats=frame_block_stats(frame.iloc[:k], features))
     write_bytes_atomic(summary_url(shard_url), json.dumps(result.to_dict()).encode(),
                        store_options)
     return result
@@ -226,23 +246,19 @@ def _scoring_columns(features: Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------- fitting
 
 
-def _picf_from_total(global_stats: RelativeGram, per_config: Mapping[str, RelativeGram],
+def _picf_from_total(global_stats: RelativeGram,
+                     per_config: Mapping[str, Sequence[RelativeGram]],
                      features: Sequence[str], **params: Any) -> PICF:
+    """PICF from summed statistics: the global set, then every configuration's choice of
+    terms from its summed block statistics (``PICF.fit_config_sets_from_blocks``)."""
     model = PICF(features=tuple(features), **params)
     names = list(model.features)
     if global_stats.sum_w <= 0:
         raise CorpusError("no usable steps in the shards")
     model.coef_ = nonneg_ridge(global_stats, priors(names),
                                model._global_penalty(global_stats.sum_w))
-    model.config_coef_ = {}
-    if model.per_config:
-        for key in sorted(per_config):
-            stats = per_config[key]
-            if stats.sum_w > 0:
-                model.config_coef_[key] = nonneg_ridge(
-                    stats, model.coef_, np.full(len(names), float(model.config_prior_steps)))
     model.n_features_in_ = len(names)
-    return model
+    return model.fit_config_sets_from_blocks(dict(per_config))
 
 
 def config_stats(summaries: Sequence[ShardSummary], train: bool = False
@@ -253,6 +269,21 @@ def config_stats(summaries: Sequence[ShardSummary], train: bool = False
     for s in summaries:
         out[s.config_key] = out.get(s.config_key, empty_gram(p)) + (
             s.train_stats if train else s.stats)
+    return out
+
+
+def config_block_stats(summaries: Sequence[ShardSummary], train: bool = False
+                       ) -> dict[str, list[RelativeGram]]:
+    """Block statistics summed per configuration key and block (``train``: of the
+    temporal train parts)."""
+    p = len(summaries[0].features) if summaries else 0
+    out: dict[str, list[RelativeGram]] = {}
+    for s in summaries:
+        blocks = s.train_block_stats if train else s.block_stats
+        if len(blocks) != N_BLOCKS:
+            raise CorpusError(f"shard summary of {s.experiment} has no block statistics")
+        have = out.setdefault(s.config_key, [empty_gram(p) for _ in range(N_BLOCKS)])
+        out[s.config_key] = [a + b for a, b in zip(have, blocks, strict=True)]
     return out
 
 
@@ -271,7 +302,8 @@ def fit_picf_from_stats(summaries: Sequence[ShardSummary], train: bool = False,
     concatenated shard frames (``train``: on their temporal train parts)."""
     features = _features(summaries)
     per = config_stats(summaries, train)
-    return _picf_from_total(total(per.values(), len(features)), per, features, **params)
+    return _picf_from_total(total(per.values(), len(features)),
+                            config_block_stats(summaries, train), features, **params)
 
 
 def in_sample_from_shard(model: PICF, item: ShardSummary, options: dict | None = None
@@ -286,11 +318,12 @@ def picf_without_config(summaries: Sequence[ShardSummary], config_key: str, **pa
     """PICF fit on the statistics of every configuration but ``config_key``: the
     leave-one-out fold of its experiments. None when no other configuration has steps."""
     features = _features(summaries)
-    per = config_stats([s for s in summaries if s.config_key != config_key])
+    others = [s for s in summaries if s.config_key != config_key]
+    per = config_stats(others)
     train = total(per.values(), len(features))
     if train.sum_w <= 0:
         return None
-    return _picf_from_total(train, per, features, **params)
+    return _picf_from_total(train, config_block_stats(others), features, **params)
 
 
 def _held(summaries: Sequence[ShardSummary], name: str) -> ShardSummary:

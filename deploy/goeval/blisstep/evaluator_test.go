@@ -85,10 +85,11 @@ func TestDeploymentErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	if e.ConfigKey != "org/custom-8b|H100|tp1|bf16|mnbt8192|mns256" || e.Calibrated ||
-		e.Hardware.Name != "H100" {
+		e.Calibration != nil || e.Hardware.Name != "H100" {
 		t.Errorf("config key %q calibrated %v GPU %s", e.ConfigKey, e.Calibrated, e.Hardware.Name)
 	}
-	// the calibrated configuration, however its GPU is spelled, keeps its own terms
+	// a configuration of the training corpus, however its GPU is spelled, finds its own
+	// calibration record (and its own terms, when the record chose any)
 	for _, spelling := range []string{"H100", "h100", "H100-SXM", " h100-sxm5 "} {
 		same := d
 		same.Hardware = spelling
@@ -96,8 +97,10 @@ func TestDeploymentErrors(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !e.Calibrated || e.ConfigKey != g.ConfigKeys["llama8b-h100-tp1"] {
-			t.Errorf("hardware %q: config key %q calibrated %v", spelling, e.ConfigKey, e.Calibrated)
+		if e.Calibration == nil || e.Calibrated == e.Calibration.Kept() ||
+			e.ConfigKey != g.ConfigKeys["llama8b-h100-tp1"] {
+			t.Errorf("hardware %q: config key %q calibrated %v record %+v", spelling, e.ConfigKey,
+				e.Calibrated, e.Calibration)
 		}
 	}
 }

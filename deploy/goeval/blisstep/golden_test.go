@@ -187,6 +187,11 @@ func TestGoldenCases(t *testing.T) {
 		if e.Calibrated != c["calibrated"].(bool) {
 			t.Errorf("%s: calibrated %v, Python %v", where, e.Calibrated, c["calibrated"])
 		}
+		want, recorded := c["calibration_choice"].(string)
+		if recorded != (e.Calibration != nil) || (recorded && e.Calibration.Choice != want) {
+			t.Errorf("%s: calibration record %+v, Python %v", where, e.Calibration,
+				c["calibration_choice"])
+		}
 		for i, a := range c["alphas"].([]interface{}) {
 			if e.Release.Alphas[i] != a.(float64) {
 				t.Errorf("%s: alpha %d = %v, Python %v", where, i, e.Release.Alphas[i], a)

@@ -19,6 +19,9 @@ type Release struct {
 	Family  string
 	Alphas  [3]float64 // α0 queueing µs, α1 post-decode µs, α2 µs per output token
 	model   json.RawMessage
+	// calibration is the choice of terms per configuration key (empty for releases
+	// made before the record existed).
+	calibration map[string]CalibrationRecord
 }
 
 type coefficientsFile struct {
@@ -124,6 +127,10 @@ func ParseCoefficients(raw []byte) (*Release, error) {
 	if _, err := buildFamily(doc.Family, doc.Model); err != nil { // fail fast on bad releases
 		return nil, err
 	}
+	var err error
+	if rel.calibration, err = parseCalibration(doc.Model); err != nil {
+		return nil, fmt.Errorf("coefficients.json: %w", err)
+	}
 	return rel, nil
 }
 
@@ -175,8 +182,13 @@ type Evaluator struct {
 	// Calibrated is true when the release holds terms fit on this configuration; else
 	// the global terms (RECE: the embedding-weighted specialist blend) are used.
 	Calibrated bool
-	ctx        featureContext
-	model      familyModel
+	// Calibration is how the release chose this configuration's terms (nil when it
+	// holds no record of it: a configuration never seen). A record with Choice "none"
+	// means its steps were seen and the reference terms kept: no terms of its own
+	// (Calibrated false), except RECE, which stores the kept set as its specialist.
+	Calibration *CalibrationRecord
+	ctx         featureContext
+	model       familyModel
 }
 
 // NewEvaluator resolves the deployment's model shape, GPU and coefficient set.
@@ -217,6 +229,9 @@ func (r *Release) NewEvaluator(d Deployment) (*Evaluator, error) {
 	consts := e.ctx.constants(d.MaxNumBatchedTokens, d.MaxNumSeqs)
 	if e.model, e.Calibrated, err = fam.resolve(e.ConfigKey, consts); err != nil {
 		return nil, err
+	}
+	if rec, ok := r.calibration[e.ConfigKey]; ok {
+		e.Calibration = &rec
 	}
 	return e, nil
 }
