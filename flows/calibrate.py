@@ -38,6 +38,8 @@ from tasks.evaluate import (
 from tasks.fit import fit_global, fit_specialist, merge_specialists
 from tasks.ingest import discover, featurize, plan, preflight, select_training
 from tasks.release import publish_release
+from tasks.replay import evaluate_by_replay, fit_by_replay, load, split_kinds
+from tasks.replay import publish as publish_replay_release
 
 progress = logging.getLogger(recipe.PROGRESS_LOGGER)
 
@@ -61,11 +63,14 @@ def calibrate_corpus(corpus: str, store: str, family: str = AUTO_FAMILY,
                                exclude_overloaded=exclude_overloaded)
     p = plan(corpus, store, family, base, default_hardware, settings)
 
-    # Featurize each experiment on its own worker.
-    names = discover(p)
-    progress.info("%d experiment(s) under %s: featurizing on Ray", len(names), redact(corpus))
-    featurized = featurize.map(unmapped(p), names)
-    training = select_training(p, [f.result() for f in featurized])  # the first error raises
+    # Featurize each experiment on its own worker (request measurements: fit by replay).
+    traces, measured = split_kinds(p, discover(p))
+    progress.info("%d experiment(s) under %s: featurizing on Ray",
+                  len(traces) + len(measured), redact(corpus))
+    featurized = [f.result() for f in featurize.map(unmapped(p), traces)]  # errors raise
+    if measured:
+        return calibrate_measured(p, measured, featurized)
+    training = select_training(p, featurized)
     progress.info("%d steps of %d experiment(s) in %d configuration(s); validating %s",
                   len(training.frame), len(training.names), len(training.configs),
                   ", ".join(p.families))
@@ -96,6 +101,24 @@ def calibrate_corpus(corpus: str, store: str, family: str = AUTO_FAMILY,
     learning = learning_curve.submit(p, frame, family)
     url = publish_release(p, model, family, frame, training.experiments, training.reports,
                           evaluation.result(), stage.result(), learning.result())
+    publish_artifacts(url)
+    progress.info("published %s (model card, metrics and plots are artifacts of this run)",
+                  redact(url))
+    return url
+
+
+def calibrate_measured(p: recipe.Plan, names: list[str], traced: list) -> str:
+    """The request-measurement recipe (``calibration.replay_recipe``) as tasks: load each
+    experiment → fit by replay (every round's replays fan out, one per experiment) →
+    evaluate (in-sample, leave one experiment out) → release and its artifacts. A PICF
+    fit on the corpus's step traces, when there are some, is the prior."""
+    prior = fit_global(p, select_training(p, traced).frame, "picf") if traced else None
+    items = [f.result() for f in load.map(unmapped(p), names)]
+    progress.info("fitting by replay on %d request-measurement experiment(s)", len(items))
+    result = fit_by_replay(p, items, prior)
+    progress.info("fit: %s after %d round(s)", result.stopped, len(result.iterations) - 1)
+    evaluation = evaluate_by_replay(items, result)
+    url = publish_replay_release(p, items, result, evaluation)
     publish_artifacts(url)
     progress.info("published %s (model card, metrics and plots are artifacts of this run)",
                   redact(url))

@@ -64,6 +64,8 @@ def metrics_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     projection MAPE %), the mean, and one row per candidate family when the family was
     chosen by validation (``metrics.family_selection``)."""
     metrics = manifest.get("metrics") or {}
+    if metrics.get("request_replay"):
+        return replay_rows(metrics["request_replay"])
     proj = ((metrics.get("blis_projection") or {}).get("per_experiment")) or {}
 
     def mape(kind: str, name: str) -> float | None:
@@ -95,10 +97,33 @@ def metrics_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def replay_rows(replay: dict[str, Any]) -> list[dict[str, Any]]:
+    """A request fit's metrics table: per experiment, replayed-vs-measured TTFT / ITL /
+    E2E MAPE % in-sample and leave one experiment out, then the means."""
+    loo = replay.get("leave_one_experiment_out") or {}
+
+    def mapes(table: dict[str, Any] | None, prefix: str) -> dict[str, float | None]:
+        acc = (table or {}).get("accuracy") or {}
+        return {f"{prefix}_{m}_mape": None if (acc.get(m) or {}).get("mape") is None
+                else round(float(acc[m]["mape"]), 2) for m in ("ttft", "itl", "e2e")}
+
+    rows = [{"scope": "experiment", "name": name, "overloaded": bool(t.get("overloaded")),
+             "requests": t.get("targets"), **mapes(t, "in_sample"), **mapes(loo.get(name), "loo")}
+            for name, t in sorted((replay.get("in_sample") or {}).items())]
+    s = replay.get("summary") or {}
+    rows.append({"scope": "mean", "name": "mean over experiments (not overloaded)",
+                 "overloaded": False, "requests": None,
+                 **{k: None if s.get(k) is None else round(float(s[k]), 2)
+                    for k in (f"{p}_{m}_mape" for p in ("in_sample", "loo")
+                              for m in ("ttft", "itl", "e2e"))}})
+    return rows
+
+
 PLOT_CAPTIONS = {
     "predicted_vs_measured": "Predicted vs measured step time, every step (log-log).",
     "error_by_regime": "Signed step-time error by batch regime and experiment.",
     "learning_curve": "Held-out error against the number of training steps.",
+    "latency_cdfs": "Replayed (dashed) vs measured (solid) TTFT, ITL and E2E per experiment.",
 }
 
 

@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 
 from blis_model.configuration.experiment import Experiment
+from blis_model.features.blis_parity import blis_basis, blis_step_time
 from blis_model.features.frame import feature_context, feature_frame
 from blis_model.features.registry import compute
 from blis_model.ingest.steps import STEP_SCHEMA
@@ -55,23 +56,36 @@ class NotDecomposable(ValueError):
 @dataclass(frozen=True)
 class CompiledPart:
     """``G[r][T]`` (µs) and the non-zero slopes ``(aggregate, µs per unit)`` of regime r
-    (0: no prefill chunk, 1: some) of one linear part."""
+    (0: no prefill chunk, 1: some) of one linear part. Calling it evaluates one step
+    through a function generated once for these slopes (no loop, no ``getattr``)."""
 
     tables: tuple[tuple[float, ...], tuple[float, ...]]
     slopes: tuple[tuple[tuple[str, float], ...], tuple[tuple[str, float], ...]]
     decode_slope: float  # regime 1: µs per decode at fixed T (pf_tokens = T − dc_count)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_call", _generate(self))
+
     def __call__(self, agg: StepAggregates) -> float:
-        pf, dc = agg.pf_tokens, agg.dc_count
-        if pf > 0:
-            value = self.tables[1][int(pf + dc)] + self.decode_slope * dc
-            for name, slope in self.slopes[1]:
-                value += slope * getattr(agg, name)
-            return value
-        value = self.tables[0][int(dc)]
-        for name, slope in self.slopes[0]:
-            value += slope * getattr(agg, name)
-        return value
+        return self._call(agg)  # type: ignore[attr-defined]
+
+
+def _generate(part: CompiledPart) -> Callable[[StepAggregates], float]:
+    """``part`` as straight-line Python: the slopes are constants of the code."""
+    def terms(r: int) -> str:
+        return "".join(f" + {slope!r} * a.{name}" for name, slope in part.slopes[r]
+                       if name in COLUMNS and name.isidentifier())
+
+    source = (
+        "def step(a):\n"
+        "    pf = a.pf_tokens\n"
+        "    dc = a.dc_count\n"
+        "    if pf > 0:\n"
+        f"        return G1[int(pf + dc)] + {part.decode_slope!r} * dc{terms(1)}\n"
+        f"    return G0[int(dc)]{terms(0)}\n")
+    namespace: dict[str, object] = {"G0": part.tables[0], "G1": part.tables[1]}
+    exec(compile(source, "<compiled step time>", "exec"), namespace)  # noqa: S102
+    return namespace["step"]  # type: ignore[return-value]
 
 
 def _probe_frame(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -89,9 +103,26 @@ def compile_part(names: Sequence[str], coef: np.ndarray, experiment: Experiment,
     over steps of at most ``max_tokens`` tokens (verified; NotDecomposable otherwise)."""
     ctx = feature_context(experiment)
     coef = np.asarray(coef, np.float64)
+    return compile_function(lambda cols: compute(list(names), cols, ctx) @ coef, max_tokens,
+                            seed)
+
+
+def compile_blis(experiment: Experiment, betas: Sequence[float], max_tokens: int
+                 ) -> CompiledPart:
+    """BLIS's own trained-physics step time (``features.blis_parity``, 11 betas) on the
+    experiment's configuration: what BLIS computes, for replays next to ours."""
+    ctx = feature_context(experiment)
+    b = np.asarray(betas, np.float64)
+    return compile_function(lambda cols: blis_step_time(blis_basis(cols, ctx), b), max_tokens)
+
+
+def compile_function(function: Callable[[dict[str, np.ndarray]], np.ndarray],
+                     max_tokens: int, seed: int = 0) -> CompiledPart:
+    """The decomposition of any vectorized function of the step columns (one value per
+    step) that is a token-count table plus linear terms (verified)."""
 
     def value(rows: dict[str, np.ndarray]) -> np.ndarray:
-        return compute(list(names), _probe_frame(rows), ctx) @ coef
+        return np.asarray(function(_probe_frame(rows)), np.float64)
 
     tokens = np.arange(max_tokens + 1, dtype=np.float64)
     g0 = value({"dc_count": tokens})
@@ -185,5 +216,5 @@ class ExactStepTime:
         return float(self.model.predict(frame)[0])
 
 
-__all__ = ["COLUMNS", "CompiledPart", "ExactStepTime", "NotDecomposable", "compile_part",
-           "model_step_time"]
+__all__ = ["COLUMNS", "CompiledPart", "ExactStepTime", "NotDecomposable", "compile_blis",
+           "compile_function", "compile_part", "model_step_time"]
