@@ -755,12 +755,19 @@ def synth(out_dir: Annotated[str, typer.Argument(help="Corpus folder or URL to w
           = None,
           sample_every: Annotated[int | None, typer.Option(
               "--sample-every", min=1,
-              help="Trace 1 step in K (default: per configuration).")] = None) -> None:
+              help="Trace 1 step in K (default: per configuration).")] = None,
+          client_view: Annotated[bool, typer.Option(
+              "--client-view", help="Also write the client view of the same run (request "
+                                    "measurements) next to the traces.")] = False,
+          client_only: Annotated[bool, typer.Option(
+              "--client-only", help="Write the client view (request measurements) without "
+                                    "traces.")] = False) -> None:
     """Write a synthetic multi-configuration corpus with step, journey and API traces (known
-    ground truth) to OUT_DIR; print OUT_DIR (last line)."""
+    ground truth) to OUT_DIR, and/or the client view of the same runs (request
+    measurements: --client-view, --client-only); print OUT_DIR (last line)."""
     import dataclasses
 
-    from blis_model.synth import write_corpus
+    from blis_model.synth.client_view import write_synth_corpus
 
     with _user_errors(), _stdout_to_stderr():
         configs = {}
@@ -772,16 +779,21 @@ def synth(out_dir: Annotated[str, typer.Argument(help="Corpus folder or URL to w
                 changes["sample_every"] = sample_every
             configs[name] = dataclasses.replace(cfg, **changes)
         with err.status(f"simulating {len(configs)} experiment(s)"):
-            truths = write_corpus(out_dir, configs, storage_options_for(out_dir))
+            truths = write_synth_corpus(out_dir, configs, traces=not client_only,
+                                        client_view=client_view or client_only,
+                                        options=storage_options_for(out_dir))
         table = Table(title=f"synthetic corpus {redact(out_dir)}", title_justify="left")
-        for col in ("experiment", "model", "mnbt", "requests", "steps", "traced", "snapshots"):
+        for col in ("experiment", "model", "mnbt", "requests", "steps", "traced", "snapshots",
+                    "client view"):
             table.add_column(col, justify="left" if col in ("experiment", "model") else "right")
         for name, truth in sorted(truths.items()):
             cfg = truth.config
             traced = int(sum(truth.steps.column("traced").to_pylist()))
             table.add_row(name, cfg.model, str(cfg.max_num_batched_tokens),
-                          str(cfg.num_requests), str(truth.steps.num_rows), str(traced),
-                          "yes" if cfg.snapshots else "no")
+                          str(cfg.num_requests), str(truth.steps.num_rows),
+                          "-" if client_only else str(traced),
+                          "-" if client_only else "yes" if cfg.snapshots else "no",
+                          "yes" if client_view or client_only else "no")
         err.print(table)
     typer.echo(out_dir)
 
