@@ -18,17 +18,16 @@ from blis_model.errors import ConfigError
 from blis_model.ingest.measurements import read_measurements
 from blis_model.ingest.reader import read_step_table
 from blis_model.ingest.requests import read_request_table
+from blis_model.requests.latency import accuracy, step_features
 from blis_model.requests.measured import measured_experiment
 from blis_model.requests.replay import replay
 from blis_model.requests.replay_fit import (
     GLOBAL,
     ReplayFitSettings,
     StepLaw,
-    accuracy,
     fit_from_requests,
     initial_law,
     replay_with,
-    step_features,
 )
 from blis_model.requests.scheduler import AGGREGATES, StepAggregates
 from blis_model.requests.step_time import compile_part
