@@ -45,7 +45,7 @@ from blis_model.calibration.selection import (
 )
 from blis_model.configuration.experiment import Experiment, load_experiment
 from blis_model.configuration.kinds import MEASUREMENTS, TRACES, experiment_kinds
-from blis_model.errors import BlisModelError
+from blis_model.errors import BlisModelError, CorpusError
 from blis_model.models.base import StepTimeModel
 from blis_model.models.registry import AUTO_FAMILY, make_model
 from blis_model.releases.build import build_release, release_version
@@ -247,7 +247,15 @@ def split_kinds(p: Plan, names: Sequence[str]) -> tuple[list[str], list[str]]:
     traces, measured = [], []
     for name in names:
         kinds = experiment_kinds(p.corpus if name == "." else join(p.corpus, name), options)
+        if not kinds:
+            log.warning("%s holds neither traces.json[.gz] nor request measurements "
+                        "(requests.json[.gz], per_request_lifecycle_metrics.json): skipped",
+                        name)
+            continue
         (measured if MEASUREMENTS in kinds and TRACES not in kinds else traces).append(name)
+    if not traces and not measured:
+        raise CorpusError(f"no experiment under {redact(p.corpus)} holds traces "
+                          "(traces.json[.gz]) or request measurements (requests.json[.gz])")
     return traces, measured
 
 

@@ -790,7 +790,7 @@ def read_measurements(url: str, *, experiment: str | None = None, options: dict 
     if extra:
         validation = MeasurementValidation(**{**validation.__dict__,
                                               "warnings": validation.warnings + tuple(extra)})
-    if validation.n_usable == 0:
+    if validation.n_usable == 0 and columns.has_truth.any():  # no timing at all: a workload
         top = ", ".join(f"{k}={v}" for k, v in sorted(validation.reasons.items(),
                                                      key=lambda kv: -kv[1]))
         raise CorpusError(f"experiment {name}: {data_file}: no usable request among "
