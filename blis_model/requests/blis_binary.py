@@ -71,8 +71,10 @@ TraceServerConfig, TraceRecord, CSV columns, strict header parsing);
 (LoadTraceV2Requests: request ids, injection time, prefix groups);
 ``cmd/replay.go`` and ``cmd/root.go`` @ 017fcd98c3ee16b2dbcd1cd9793e151b3de36f04 (replay
 flags, ``--results-path``, horizon, extractSimResults); ``cmd/root.go``
-``registerSimConfigFlags`` (flag names, deprecated aliases of issue #1570, trained-physics
-coefficients read from ``defaults.yaml``); ``cmd/hfconfig.go`` @
+``registerSimConfigFlags`` and ``resolveLatencyConfig`` in a later stored version (commit
+not recorded by the index: flag names, the deprecated aliases of issue #1570,
+trained-physics coefficients read from ``defaults.yaml`` unless given as flags);
+``cmd/hfconfig.go`` @
 06883b16236143142b379b626b53f166fc7f89ca (model_configs/ and hardware_config.json
 resolved beside ``--defaults-filepath``); ``sim/workload/calibrate.go`` @
 0c91ac06968bc35b41cf008cc5029cec61a22fdd (SimResult). Not verified against a running
