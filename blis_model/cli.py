@@ -486,7 +486,7 @@ def _replay(release_url: str, workload: str, out: str, blis: str | None,
         err.print(_replay_table(reports, f"release {rel.version} replayed (TTFT / ITL / E2E; "
                                          "ms for the distribution)"))
     if blis:
-        from blis_model.requests.blis_binary import run_blis
+        from blis_model.releases.blis_binary import run_blis
 
         blis_reports = run_blis(blis, rel, items, workload)
         if blis_reports:

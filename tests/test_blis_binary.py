@@ -21,13 +21,13 @@ import yaml
 from typer.testing import CliRunner
 
 from blis_model.cli import app
-from blis_model.releases.read import load_release
-from blis_model.requests.blis_binary import (
+from blis_model.releases.blis_binary import (
     TRACE_COLUMNS,
     BlisRunError,
     run_blis,
     trace_rows,
 )
+from blis_model.releases.read import load_release
 from blis_model.requests.measured import MeasuredExperiment, load_measured
 from blis_model.requests.workload import Workload
 from blis_model.synth import SynthConfig

@@ -169,3 +169,35 @@ def test_unchanged_experiments_come_from_the_feature_cache(local_ray, tmp_path):
     logs = featurize_logs_of_last("calibrate-corpus")
     assert [n for n in EXPERIMENTS[:3] if CACHE_HIT not in logs[n]] == [EXPERIMENTS[2]]
     assert len(list(cache.iterdir())) == 3
+
+
+def test_flow_fits_request_measurements_by_replay_fanned_out(local_ray, tmp_path):
+    """A corpus of client measurements only: the flow fits by replay, each round's
+    replays one task per experiment, and publishes the request fit's release."""
+    import dataclasses
+
+    from blis_model.synth import SynthConfig
+    from blis_model.synth.client_view import physics_step_time, write_synth_corpus
+
+    beta = {"gemm_roofline_us": 1.25, "decode_attention_us": 1.2, "lm_head_us": 1.1,
+            "activation_io_us": 1.2, "layer_kernels": 5.0, "step_overhead": 300.0}
+    configs = {}
+    for name, model, rate in (("llama3", "meta-llama/Llama-3.1-8B", 20.0),
+                              ("llama2", "meta-llama/Llama-2-7b-hf", 15.0)):
+        base = SynthConfig(seed=len(configs), num_requests=120, arrival_rate=rate, model=model,
+                           max_num_seqs=64, num_gpu_blocks=4000)
+        configs[name] = dataclasses.replace(base, step_time_us=physics_step_time(beta, base))
+    write_synth_corpus(str(tmp_path / "measured"), configs, traces=False, client_view=True)
+
+    url = run_calibration(str(tmp_path / "measured"), str(tmp_path / "store"))
+
+    manifest = read_manifest(url)
+    replay = manifest["metrics"]["request_replay"]
+    assert sorted(replay["in_sample"]) == ["llama2", "llama3"]
+    assert replay["summary"]["in_sample_e2e_mape"] < 5.0
+    rounds = len(replay["convergence"]["iterations"])
+    runs = task_runs_of_last("calibrate-corpus")
+    assert all(r.state.is_completed() for r in runs)
+    kinds = Counter(r.name.split(" ")[0] for r in runs)
+    assert kinds["load-measured"] == 2 and kinds["fit-by-replay"] == 1
+    assert kinds["replay"] >= 2 * rounds  # every round: one replay task per experiment
