@@ -30,9 +30,7 @@ from blis_model.configuration.defaults import BLIS_SHIPPED_ALPHAS, BLIS_SHIPPED_
 from blis_model.requests.latency import LATENCIES, latency_table, run_replay
 from blis_model.requests.measured import MeasuredExperiment, load_measured
 from blis_model.requests.replay_fit import (
-    GLOBAL,
     ReplayFitSettings,
-    StepLaw,
     fit_from_requests,
     replay_all,
 )
@@ -52,14 +50,6 @@ def short(name: str) -> str:
 
 def mapes(table: dict) -> list[str]:
     return [f"{table['accuracy'][m]['mape']:.1f}" if table else "–" for m in LATENCIES]
-
-
-def with_config(law: StepLaw, key: str) -> StepLaw:
-    """The law, with ``key`` on the global terms when the fold never saw it."""
-    if key in law.coef:
-        return law
-    return StepLaw(law.features, {**law.coef, key: law.coef[GLOBAL]},
-                   {**law.alphas, key: law.alphas[GLOBAL]})
 
 
 def blis_shipped(item: MeasuredExperiment) -> dict:
@@ -93,14 +83,14 @@ def main() -> int:
         others = [i for i in train if i.name != held.name]
         fold = fit_from_requests(others, settings, start=fit.law)
         loo[held.name] = latency_table(held, replay_all(
-            [held], with_config(fold.law, held.config_key))[0])
+            [held], fold.law.with_config(held.config_key))[0])
     if not args.quick:
         for key in sorted({i.config_key for i in train}):
             others = [i for i in train if i.config_key != key]
             fold = fit_from_requests(others, settings, start=fit.law)
             for held in (i for i in train if i.config_key == key):
                 lomo[held.name] = latency_table(held, replay_all(
-                    [held], with_config(fold.law, key))[0])
+                    [held], fold.law.with_config(key))[0])
         for held in train:
             own = fit_from_requests([held], settings, start=fit.law)
             oracle[held.name] = latency_table(held, replay_all([held], own.law)[0])

@@ -473,7 +473,7 @@ def _replay(release_url: str, workload: str, out: str, blis: str | None,
         names = featurization.experiment_names(workload, options)
         items = [load_measured(workload, n, options, default_hardware) for n in names]
     with err.status(f"replaying {len(items)} experiment(s) with release {rel.version}"):
-        results = replay_workload(items, rel.model, rel.alphas)
+        results = replay_workload(items, rel.model, rel.alphas, rel.contention)
     frames = [pd.DataFrame(replay_rows(item, replayed)) for item, replayed, _ in results]
     data = pd.concat(frames, ignore_index=True).to_csv(index=False, columns=list(ROW_COLUMNS))
     write_bytes_atomic(out, data.encode(), storage_options_for(out))

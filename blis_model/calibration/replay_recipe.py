@@ -149,16 +149,21 @@ def request_level_block(items: Sequence[MeasuredExperiment], result: ReplayFit
     law's, per configuration), each experiment's validation and replay notes."""
     law = result.law
 
-    def alpha_fit(alphas: Sequence[float]) -> dict[str, Any]:
-        return {"method": "replay", "alpha0_us": float(alphas[0]),
-                "alpha0_per_prompt_token_us": 0.0, "alpha1_us": float(alphas[1]),
-                "alpha2_us": float(alphas[2]), "n_pre_queue": 0, "n_post_finish": 0}
+    def alpha_fit(key: str) -> dict[str, Any]:
+        a0, a1, a2 = law.alphas[key]
+        return {"method": "replay", "alpha0_us": float(a0), "alpha0_per_prompt_token_us": 0.0,
+                "alpha1_us": float(a1), "alpha2_us": float(a2),
+                "per_running_us": law.gamma(key), "n_pre_queue": 0, "n_post_finish": 0}
 
     return {
         "alphas": {"fit": True, "method": "replay", "source": ALPHA_SOURCE,
-                   "pooled": alpha_fit(law.alphas[GLOBAL]),
-                   "per_config": {k: alpha_fit(v) for k, v in sorted(law.alphas.items())
-                                  if k != GLOBAL}, "errors": {}},
+                   "pooled": alpha_fit(GLOBAL),
+                   "per_config": {k: alpha_fit(k) for k in sorted(law.alphas) if k != GLOBAL},
+                   "errors": {},
+                   "per_running_us": "the API server's contention: a token reaches the "
+                                     "client this many µs later per request running when it "
+                                     "was produced (BLIS has no such term: defaults.yaml's "
+                                     "α0 adds it at the training runs' mean concurrency)"},
         "experiments": {i.name: {"validation": i.measurements.validation.to_dict(),
                                  "overloaded": i.overloaded, "notes": list(i.notes),
                                  "targets": int(i.targets.sum())} for i in items},
@@ -172,6 +177,14 @@ ALPHA_SOURCE = ("fit by replay on the client-side TTFT and E2E of every valid re
                 "(α0 per configuration, α1 and α2 shared; pooled = the global law's)")
 
 
+def blis_alphas(result: ReplayFit) -> tuple[float, float, float]:
+    """The global law's alphas in BLIS's form: its contention term folded into α0 at the
+    mean number of requests running when the training requests' first token came."""
+    a0, a1, a2 = result.law.alphas[GLOBAL]
+    running = np.concatenate([r.nf for r in result.replays if len(r.nf)] or [np.zeros(1)])
+    return (a0 + result.law.gamma(GLOBAL) * float(np.mean(running)), a1, a2)
+
+
 def release(p: Plan, items: Sequence[MeasuredExperiment], result: ReplayFit,
             evaluation: Mapping[str, Any]) -> str:
     """Build the release of a request fit and publish it; return its URL."""
@@ -182,7 +195,7 @@ def release(p: Plan, items: Sequence[MeasuredExperiment], result: ReplayFit,
         cdf_data([i for i in items if i.name in replays], replays))}
     reports = [{"experiment": i.name, **i.measurements.validation.to_dict(), "problems": []}
                for i in items]
-    a0, a1, a2 = result.law.alphas[GLOBAL]
+    a0, a1, a2 = blis_alphas(result)
     files = build_release(
         model, frame, [i.experiment for i in training(items)], reports, p.corpus,
         {"request_replay": dict(evaluation)}, "picf", base_version=p.base_version,

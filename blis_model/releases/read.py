@@ -53,6 +53,14 @@ class Release:
         a0, a1, a2 = (float(a) for a in pooled)
         return (a0, a1, a2)
 
+    def contention(self, config_key: str | None = None) -> float:
+        """The API server's contention fit on a configuration's requests (µs of delivery
+        per running request; 0 when the release has none: BLIS's model)."""
+        alphas = self.coefficients.get("request_alphas") or {}
+        fit = ((alphas.get("per_config") or {}).get(config_key) if config_key else None) or (
+            alphas.get("pooled") or {})
+        return float(fit.get("per_running_us") or 0.0)
+
 
 def read_file(url: str, name: str, options: dict | None = None) -> bytes:
     """One file of the release at ``url`` (ReleaseError when it is missing)."""

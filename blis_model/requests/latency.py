@@ -3,7 +3,10 @@
 :func:`run_replay` replays a measured experiment (``requests.measured``) with any
 step-time function and BLIS's alphas, and composes the latencies as BLIS does:
 ``TTFT = first-token step end + α2 − arrival`` (the request entered the engine queue α0
-after arrival), ``E2E = finish end − arrival + α1 + α2·n``, ``ITL = (E2E − TTFT)/(n − 1)``.
+after arrival), ``E2E = finish end − arrival + α1 + α2·n``, ``ITL = (E2E − TTFT)/(n − 1)``
+— plus, optionally, the API server's contention: its one process streams every running
+request's tokens each step, so a token reaches the client ``γ`` µs later per request
+running when it was produced (``per_running_us``; BLIS has no such term).
 With ``features`` it also returns, for every fit target that finished, the sums of those
 features over its decode window and its prefill window — what the replay fit solves on.
 """
@@ -11,7 +14,7 @@ features over its decode window and its prefill window — what the replay fit s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,7 +37,8 @@ class Replayed:
     """One experiment replayed with one law: the replay's requests (``requests.replay``
     REQUEST_SCHEMA), predicted TTFT / ITL / E2E (µs) per request, and the per-request
     feature sums of the fit targets that finished (decode window ``xd``, prefill window
-    ``xt``, queue ``wait`` µs, output tokens ``n``; measured ``yd = E2E − TTFT`` and
+    ``xt``, queue ``wait`` µs, output tokens ``n``, requests running when the first and
+    the last token were produced ``nf``/``nl``; measured ``yd = E2E − TTFT`` and
     ``yt = TTFT − wait`` µs)."""
 
     name: str
@@ -49,6 +53,8 @@ class Replayed:
     yd: np.ndarray
     yt: np.ndarray
     wait: np.ndarray
+    nf: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    nl: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def step_features(steps: pa.Table, item: MeasuredExperiment, features: Sequence[str]
@@ -59,9 +65,11 @@ def step_features(steps: pa.Table, item: MeasuredExperiment, features: Sequence[
 
 
 def run_replay(item: MeasuredExperiment, step_time: StepTime, alphas: Alphas,
-               features: Sequence[str] | None = None) -> Replayed:
-    """Replay ``item`` with ``step_time`` (µs per step) and ``alphas``; with
-    ``features``, the fit targets' per-request feature sums too."""
+               features: Sequence[str] | None = None, per_running_us: float = 0.0
+               ) -> Replayed:
+    """Replay ``item`` with ``step_time`` (µs per step), ``alphas`` and the API server's
+    contention ``per_running_us`` (µs per running request); with ``features``, the fit
+    targets' per-request feature sums too."""
     result = replay(item.workload_with(alphas[0]), item.limits, step_time,
                     experiment=item.name)
     req = result.requests
@@ -72,8 +80,14 @@ def run_replay(item: MeasuredExperiment, step_time: StepTime, alphas: Alphas,
     first = req.column("first_token_us").to_numpy()
     finish = req.column("finished_us").to_numpy()
     _, a1, a2 = alphas
-    ttft = np.where(done, first + a2 - arrival, np.nan)
-    e2e = np.where(done, finish - arrival + a1 + a2 * n_out, np.nan)
+    running = result.steps.column("running_depth").to_numpy()
+    f_step = req.column("first_token_step").to_numpy(zero_copy_only=False)
+    l_step = req.column("finished_step").to_numpy(zero_copy_only=False)
+    n_first = np.where(done, running[np.nan_to_num(f_step, nan=0).astype(np.int64)], 0.0)
+    n_last = np.where(done, running[np.nan_to_num(l_step, nan=0).astype(np.int64)], 0.0)
+    g = float(per_running_us)
+    ttft = np.where(done, first + a2 + g * n_first - arrival, np.nan)
+    e2e = np.where(done, finish - arrival + a1 + a2 * n_out + g * n_last, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         itl = np.where(n_out > 1, (e2e - ttft) / (n_out - 1), np.nan)
     predicted = {"ttft": ttft, "itl": itl, "e2e": e2e}
@@ -91,7 +105,8 @@ def run_replay(item: MeasuredExperiment, step_time: StepTime, alphas: Alphas,
     m_ttft, m_e2e = item.ttft_us[use], item.e2e_us[use]
     return Replayed(item.name, item.config_key, result.stats.steps, result.stats.seconds, req,
                     predicted, xd=C[e + 1] - C[f + 1], xt=C[f + 1] - C[s], n=n_out[use],
-                    yd=m_e2e - m_ttft, yt=m_ttft - wait, wait=wait)
+                    yd=m_e2e - m_ttft, yt=m_ttft - wait, wait=wait, nf=n_first[use],
+                    nl=n_last[use])
 
 
 def measured_latencies(item: MeasuredExperiment) -> dict[str, np.ndarray]:

@@ -42,6 +42,7 @@ from scipy.optimize import lsq_linear
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.models.base import correction_mask, priors
 from blis_model.models.picf import PICF
+from blis_model.requests.alphas import robust_linear_fit
 from blis_model.requests.latency import (
     Alphas,
     Replayed,
@@ -93,16 +94,30 @@ class StepLaw:
     features: tuple[str, ...]
     coef: dict[str, np.ndarray]
     alphas: dict[str, Alphas]
+    contention: dict[str, float] = field(default_factory=dict)  # γ, µs per running request
 
     def for_config(self, key: str) -> tuple[np.ndarray, Alphas]:
         return (self.coef.get(key, self.coef[GLOBAL]), self.alphas.get(key, self.alphas[GLOBAL]))
+
+    def gamma(self, key: str) -> float:
+        """The API server's contention of a configuration, µs per running request."""
+        return float(self.contention.get(key, self.contention.get(GLOBAL, 0.0)))
+
+    def with_config(self, key: str) -> StepLaw:
+        """This law, with ``key`` on the global terms if it has none of its own."""
+        if key in self.coef:
+            return self
+        return StepLaw(self.features, {**self.coef, key: self.coef[GLOBAL]},
+                       {**self.alphas, key: self.alphas[GLOBAL]},
+                       {**self.contention, key: self.gamma(GLOBAL)})
 
     def toward(self, other: StepLaw, eta: float) -> StepLaw:
         """``eta`` of the way from this law to ``other`` (same keys)."""
         coef = {k: v + eta * (other.coef[k] - v) for k, v in self.coef.items()}
         alphas = {k: tuple(float(a + eta * (b - a)) for a, b in
                            zip(v, other.alphas[k], strict=True)) for k, v in self.alphas.items()}
-        return StepLaw(self.features, coef, alphas)  # type: ignore[arg-type]
+        gamma = {k: self.gamma(k) + eta * (other.gamma(k) - self.gamma(k)) for k in self.coef}
+        return StepLaw(self.features, coef, alphas, gamma)  # type: ignore[arg-type]
 
     def model(self) -> PICF:
         """The law as a PICF model: global set + one set per configuration."""
@@ -117,7 +132,9 @@ class StepLaw:
         return {"features": list(self.features),
                 "coef": {k: dict(zip(self.features, map(float, v), strict=True))
                          for k, v in sorted(self.coef.items())},
-                "alphas": {k: list(map(float, v)) for k, v in sorted(self.alphas.items())}}
+                "alphas": {k: list(map(float, v)) for k, v in sorted(self.alphas.items())},
+                "contention_us_per_running_request": {k: self.gamma(k)
+                                                      for k in sorted(self.coef)}}
 
 
 LAUNCH_US = 5.0
@@ -140,7 +157,8 @@ def initial_law(keys: Sequence[str], prior: PICF | None = None,
     base = (np.asarray(prior.coef_, np.float64) if prior is not None
             else physical_prior(feats))
     coef = {k: base.copy() for k in [*keys, GLOBAL]}
-    return StepLaw(feats, coef, {k: (0.0, 0.0, 0.0) for k in [*keys, GLOBAL]})
+    return StepLaw(feats, coef, {k: (0.0, 0.0, 0.0) for k in [*keys, GLOBAL]},
+                   {k: 0.0 for k in [*keys, GLOBAL]})
 
 
 # ------------------------------------------------------------------------------ replay
@@ -162,7 +180,7 @@ def replay_with(item: MeasuredExperiment, law: StepLaw) -> Replayed:
     """Replay ``item`` with its configuration's β and α, with the per-request feature
     sums the fit solves on."""
     return run_replay(item, law_step_time(item, law), law.for_config(item.config_key)[1],
-                      law.features)
+                      law.features, law.gamma(item.config_key))
 
 
 def replay_steps(item: MeasuredExperiment, law: StepLaw) -> pa.Table:
@@ -235,15 +253,22 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
 
 
-def _alpha0(replays: Sequence[Replayed], beta: np.ndarray, a2: float) -> float:
-    """α0: the MAPE-optimal constant of what the measured TTFT leaves once the queue,
-    the steps up to the first token and α2 are accounted for (a weighted median)."""
+def _queue_terms(replays: Sequence[Replayed], beta: np.ndarray, a2: float
+                 ) -> tuple[float, float]:
+    """(α0, γ): what the measured TTFT leaves once the queue, the steps up to the first
+    token and α2 are accounted for, as α0 + γ·(requests running when the first token was
+    produced) — least absolute relative error, both ≥ 0."""
     xt = np.vstack([r.xt for r in replays])
     yt = np.concatenate([r.yt for r in replays])
     if not len(yt):
-        return 0.0
+        return 0.0, 0.0
     ttft = yt + np.concatenate([r.wait for r in replays])
-    return max(_weighted_median(yt - xt @ beta - a2, 1.0 / np.maximum(ttft, 1.0)), 0.0)
+    running = np.concatenate([r.nf for r in replays])
+    rest = yt - xt @ beta - a2
+    scale = 1.0 / np.maximum(ttft, 1.0)
+    X = np.column_stack([np.ones(len(rest)), running]) * scale[:, None]
+    a0, gamma = robust_linear_fit(X, rest * scale, "median")
+    return float(a0), float(gamma)
 
 
 def propose(replays: Sequence[Replayed], law: StepLaw, prior: StepLaw,
@@ -279,6 +304,11 @@ def propose(replays: Sequence[Replayed], law: StepLaw, prior: StepLaw,
         row[:, len(keys) * no:len(keys) * no + ns] = xd[keep][:, shared]
         row[:, -2] = 1.0
         row[:, -1] = n[keep] - 1
+        # the API server's contention at the first and last token is held (last round's γ)
+        nf = np.concatenate([r.nf for r in part])[keep]
+        nl = np.concatenate([r.nl for r in part])[keep]
+        yd = yd.copy()
+        yd[keep] = yd[keep] - law.gamma(key) * (nl - nf)
         blocks.append(row / yd[keep, None])
         targets.append(np.ones(int(keep.sum())))
     A, y = np.vstack(blocks), np.concatenate(targets)
@@ -291,12 +321,13 @@ def propose(replays: Sequence[Replayed], law: StepLaw, prior: StepLaw,
     x = _robust_bounded(A, y, target, pen, np.zeros(A.shape[1]), np.full(A.shape[1], np.inf),
                         settings.irls_iterations)
     shared_coef, a1, a2 = x[len(keys) * no:len(keys) * no + ns], float(x[-2]), float(x[-1])
-    coef, alphas = {}, {}
+    coef, alphas, gamma = {}, {}, {}
     for c, key in enumerate(keys):
         beta = np.zeros(p)
         beta[own], beta[shared] = x[c * no:(c + 1) * no], shared_coef
         part = [r for r in replays if r.config_key == key]
-        coef[key], alphas[key] = beta, (_alpha0(part, beta, a2), a1, a2)
+        a0, gamma[key] = _queue_terms(part, beta, a2)
+        coef[key], alphas[key] = beta, (a0, a1, a2)
     # the global own terms: one pooled fit with the shared terms and α1, α2 held fixed
     xd = np.vstack([r.xd for r in replays if len(r.yd)])
     n = np.concatenate([r.n for r in replays if len(r.yd)])
@@ -309,11 +340,13 @@ def propose(replays: Sequence[Replayed], law: StepLaw, prior: StepLaw,
     beta = np.zeros(p)
     beta[own], beta[shared] = g, shared_coef
     coef[GLOBAL] = beta
-    alphas[GLOBAL] = (_alpha0(list(replays), beta, a2), a1, a2)
+    a0, gamma[GLOBAL] = _queue_terms(list(replays), beta, a2)
+    alphas[GLOBAL] = (a0, a1, a2)
     for key in law.coef:  # configurations with no usable request keep their law
         coef.setdefault(key, law.coef[key])
         alphas.setdefault(key, law.alphas[key])
-    return StepLaw(feats, coef, alphas)
+        gamma.setdefault(key, law.gamma(key))
+    return StepLaw(feats, coef, alphas, gamma)
 
 
 @dataclass(frozen=True)
@@ -372,7 +405,8 @@ def fit_from_requests(items: Sequence[MeasuredExperiment], settings: ReplayFitSe
     anchor = initial_law(keys, prior, settings.features)
     law = start if start is not None else anchor
     law = StepLaw(law.features, {k: law.for_config(k)[0] for k in [*keys, GLOBAL]},
-                  {k: law.for_config(k)[1] for k in [*keys, GLOBAL]})
+                  {k: law.for_config(k)[1] for k in [*keys, GLOBAL]},
+                  {k: law.gamma(k) for k in [*keys, GLOBAL]})
     replays = replayer(items, law)
     best = objective(items, replays, settings)
     iterations: list[Iteration] = [Iteration(0, best, 0.0, {r.name: r.steps for r in replays},
@@ -419,10 +453,7 @@ def leave_one_out(items: Sequence[MeasuredExperiment], settings: ReplayFitSettin
         if not train:
             continue
         fold = fit_from_requests(train, settings, prior, start, replayer)
-        law = fold.law
-        if held.config_key not in law.coef:
-            law = StepLaw(law.features, {**law.coef, held.config_key: law.coef[GLOBAL]},
-                          {**law.alphas, held.config_key: law.alphas[GLOBAL]})
+        law = fold.law.with_config(held.config_key)
         out[held.name] = latency_table(held, replayer([held], law)[0])
     return out
 

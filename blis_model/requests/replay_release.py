@@ -28,14 +28,16 @@ and the replay's status of the request."""
 MIN_STEP_US = 1.0
 
 
-def replay_model(item: MeasuredExperiment, model: StepTimeModel, alphas: Alphas) -> Replayed:
-    """Replay ``item`` with ``model`` (its terms for the item's configuration)."""
+def replay_model(item: MeasuredExperiment, model: StepTimeModel, alphas: Alphas,
+                 per_running_us: float = 0.0) -> Replayed:
+    """Replay ``item`` with ``model`` (its terms for the item's configuration), the
+    alphas and the API server's contention."""
     compiled = model_step_time(model, item.experiment, item.limits.max_num_batched_tokens)
 
     def step_time(agg: StepAggregates) -> float:
         return max(float(compiled(agg)), MIN_STEP_US)
 
-    return run_replay(item, step_time, alphas)
+    return run_replay(item, step_time, alphas, per_running_us=per_running_us)
 
 
 def replay_rows(item: MeasuredExperiment, replayed: Replayed) -> dict[str, np.ndarray]:
@@ -57,13 +59,15 @@ def replay_rows(item: MeasuredExperiment, replayed: Replayed) -> dict[str, np.nd
 
 
 def replay_workload(items: list[MeasuredExperiment], model: StepTimeModel,
-                    alphas_for: Callable[[str], Alphas]
+                    alphas_for: Callable[[str], Alphas],
+                    contention_for: Callable[[str], float] = lambda _: 0.0
                     ) -> list[tuple[MeasuredExperiment, Replayed, dict[str, Any] | None]]:
-    """Every experiment replayed with ``model`` and its configuration's alphas; the
-    request-level report of those with ground truth (None otherwise)."""
+    """Every experiment replayed with ``model``, its configuration's alphas and API
+    contention; the request-level report of those with ground truth (None otherwise)."""
     out = []
     for item in items:
-        replayed = replay_model(item, model, alphas_for(item.config_key))
+        replayed = replay_model(item, model, alphas_for(item.config_key),
+                                contention_for(item.config_key))
         report = latency_table(item, replayed) if item.targets.any() else None
         out.append((item, replayed, report))
     return out
