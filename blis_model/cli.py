@@ -78,7 +78,9 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 def _stdout_console() -> Console:
     """Console for human tables on stdout (wide when not a terminal, so nothing wraps)."""
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 240)
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if columns.isdigit() else 240
+    return Console(highlight=False, width=None if sys.stdout.isatty() else width)
 
 
 # ---------------------------------------------------------------------------- errors

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from typing import Any
 
@@ -59,39 +60,53 @@ def _read_text(url: str, name: str) -> str:
             return ""
 
 
+#: Columns of the metrics table artifact (MAPE in %, two decimals).
+METRIC_COLUMNS: dict[str, str] = {
+    "in_sample_mape": "in-sample MAPE %", "temporal_mape": "temporal MAPE %",
+    "loo_mape": "LOO MAPE %", "blis_projection_mape": "BLIS projection MAPE %"}
+
+
+def _round(value: Any, digits: int = 2) -> float | None:
+    """A metric for a table: rounded, None when missing or not finite."""
+    if value is None:
+        return None
+    number = float(value)
+    return round(number, digits) if math.isfinite(number) else None
+
+
 def metrics_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per experiment (steps, in-sample / temporal / leave-one-out / BLIS
-    projection MAPE %), the mean, and one row per candidate family when the family was
-    chosen by validation (``metrics.family_selection``)."""
+    projection MAPE %), the mean over experiments (what the model card reports), and one
+    row per candidate family when the family was chosen by validation
+    (``metrics.family_selection``). Every MAPE is in % with two decimals."""
     metrics = manifest.get("metrics") or {}
     proj = ((metrics.get("blis_projection") or {}).get("per_experiment")) or {}
 
-    def mape(kind: str, name: str) -> float | None:
-        value = ((metrics.get(kind) or {}).get(name) or {}).get("mape")
-        return None if value is None else round(float(value), 3)
+    def mape(kind: str, name: str) -> Any:
+        return ((metrics.get(kind) or {}).get(name) or {}).get("mape")
+
+    def row(scope: str, name: str, steps: Any, values: dict[str, Any]) -> dict[str, Any]:
+        return {"scope": scope, "name": name, "steps": steps,
+                **{label: _round(values.get(key)) for key, label in METRIC_COLUMNS.items()}}
 
     rows = []
     for exp in manifest.get("experiments", []):
         name = exp["name"]
-        p = ((proj.get(name) or {}).get("projection") or {}).get("mape")
-        rows.append({"scope": "experiment", "name": name, "family": manifest.get("family"),
-                     "steps": exp.get("steps"), "in_sample_mape": mape("in_sample", name),
-                     "temporal_mape": mape("temporal_holdout", name),
-                     "loo_mape": mape("leave_one_experiment_out", name),
-                     "blis_projection_mape": None if p is None else round(float(p), 3)})
+        rows.append(row("experiment", name, exp.get("steps"), {
+            "in_sample_mape": mape("in_sample", name),
+            "temporal_mape": mape("temporal_holdout", name),
+            "loo_mape": mape("leave_one_experiment_out", name),
+            "blis_projection_mape": ((proj.get(name) or {}).get("projection") or {}).get(
+                "mape")}))
     s = metrics.get("summary") or {}
     ps = ((metrics.get("blis_projection") or {}).get("summary")) or {}
-    rows.append({"scope": "mean", "name": "mean over experiments", "family":
-                 manifest.get("family"), "steps": (manifest.get("corpus") or {}).get("steps"),
-                 **{k: s.get(k) for k in ("in_sample_mape", "temporal_mape", "loo_mape")},
-                 "blis_projection_mape": ps.get("projection_mape")})
+    rows.append(row("mean", f"mean over experiments ({manifest.get('family')})",
+                    (manifest.get("corpus") or {}).get("steps"),
+                    {**s, "blis_projection_mape": ps.get("projection_mape")}))
     selection = metrics.get("family_selection") or {}
     for score in selection.get("scores") or []:
         chosen = " (chosen)" if score.get("family") == selection.get("winner") else ""
-        rows.append({"scope": "family", "name": f"{score.get('family')}{chosen}",
-                     "family": score.get("family"), "steps": None, "in_sample_mape": None,
-                     "temporal_mape": score.get("temporal_mape"),
-                     "loo_mape": score.get("loo_mape"), "blis_projection_mape": None})
+        rows.append(row("family", f"{score.get('family')}{chosen}", None, score))
     return rows
 
 
@@ -159,6 +174,15 @@ def publish_artifacts(release_url: str) -> dict[str, str]:
     return published
 
 
+def skipped_gate_markdown(pointer: dict[str, Any]) -> str:
+    """A promotion that skipped the golden gate, for the promote flow's artifact."""
+    return (f"# Promotion gate: SKIPPED\n\n- release `{pointer['version']}` → "
+            f"{pointer['channel']} (was `{pointer.get('previous') or 'unset'}`)\n"
+            f"- **gate skipped: {pointer.get('gate_skipped')} by {pointer.get('by')}**\n"
+            "- no golden-corpus comparison was made; the skip is recorded in the channel's "
+            "history\n")
+
+
 def _pct(value: Any) -> str:
     return "–" if value is None else f"{float(value):.2f}"
 
@@ -187,5 +211,5 @@ def gate_markdown(gate: dict[str, Any], verdict: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["card_with_plots", "gate_markdown", "metrics_rows",
-           "plots_markdown", "publish_artifacts", "release_plots"]
+__all__ = ["card_with_plots", "gate_markdown", "metrics_rows", "plots_markdown",
+           "publish_artifacts", "release_plots", "skipped_gate_markdown"]

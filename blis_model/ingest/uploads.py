@@ -20,7 +20,14 @@ from typing import Any
 
 from blis_model.configuration.experiment import EXP_CONFIG
 from blis_model.errors import CorpusError
-from blis_model.storage import filesystem, is_remote, redact, storage_errors, write_bytes_atomic
+from blis_model.storage import (
+    check_reachable,
+    filesystem,
+    is_remote,
+    redact,
+    storage_errors,
+    write_bytes_atomic,
+)
 from blis_model.storage.layout import calibrated_state_url, seen_state_url, store_root
 
 
@@ -65,6 +72,7 @@ def scan(prefix: str, options: dict[str, Any] | None = None) -> dict[str, Seen]:
     with storage_errors(prefix, options):
         fs.invalidate_cache(root)
         if not fs.exists(root):
+            check_reachable(prefix, options)  # a missing bucket or bad credentials raise
             return {}
         found = fs.find(root, detail=True)
     objects = {p: info for p, info in found.items() if info.get("type", "file") == "file"}
