@@ -5,7 +5,9 @@ on-upload recalibrations, a UI submit during a sensor run) can fail with "databa
 locked". PostgreSQL does not, so ``deploy.stack`` runs one from Debian's ``postgresql``
 package when it is installed (``make serve`` installs it as root), on 127.0.0.1 only:
 
-* data in ``<root>/data`` (``initdb`` on first start), a Unix socket in ``<root>``;
+* data in ``<root>/data`` (``initdb`` on first start), a Unix socket in ``<root>``
+  (``deploy.stack``: ``.run/postgres``; as root, a folder in the ``postgres`` user's home,
+  which that user can reach wherever the project is);
 * one role ``prefect`` with a generated password (``<root>/password``, mode 600) and the
   database ``prefect`` it owns (Prefect's migrations create the ``pg_trgm`` extension);
 * as root, the server runs as the ``postgres`` system user (PostgreSQL refuses root).
@@ -116,6 +118,9 @@ def start_postgres(root: Path, port: int, log_path: Path,
     as_user = _run_as()
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o700)
+    if as_user:
+        with contextlib.suppress(OSError):  # the parent it made (e.g. ~postgres/blis-model)
+            os.chown(root.parent, as_user["user"], as_user["group"])
     data = root / "data"
     password_file = root / "password"
     if not (data / "PG_VERSION").exists() or not password_file.exists():

@@ -162,6 +162,36 @@ def _ports() -> dict[str, Any]:
 # ------------------------------------------------------------------------- services
 
 
+def _short_dir(name: str, limit: int) -> Path:
+    """``RUN/name``, or, when that path is longer than ``limit`` characters, a folder of
+    this stack's own under the system's temporary folder (named after ``RUN``)."""
+    import hashlib
+    import tempfile
+
+    path = RUN / name
+    if len(str(path)) <= limit:
+        return path
+    digest = hashlib.sha256(str(RUN.resolve()).encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / f"blis-{name}-{digest}"
+
+
+def _postgres_root() -> Path:
+    """Where PostgreSQL keeps its data: ``RUN/postgres``; as root, a folder of the
+    ``postgres`` user's own home (it runs as that user, who may not reach ``RUN``, e.g.
+    under root's 0700 home)."""
+    import hashlib
+    import pwd
+
+    if os.geteuid() != 0:
+        return RUN / "postgres"
+    try:
+        home = Path(pwd.getpwnam("postgres").pw_dir)
+    except KeyError:
+        return RUN / "postgres"
+    digest = hashlib.sha256(str(RUN.resolve()).encode()).hexdigest()[:12]
+    return home / "blis-model" / digest
+
+
 def _database(port: int, services: dict[str, Any]) -> tuple[str | None, str]:
     """Start PostgreSQL for Prefect when it is installed (``BLIS_PREFECT_DATABASE``:
     ``auto`` (default), ``postgres`` or ``sqlite``); (connection URL or None, what)."""
@@ -171,8 +201,9 @@ def _database(port: int, services: dict[str, Any]) -> tuple[str | None, str]:
     sqlite = f"SQLite in {RUN / 'prefect'}"
     if choice == "sqlite":
         return None, sqlite
+    root = _postgres_root()
     try:
-        pg = start_postgres(RUN / "postgres", port, RUN / "postgres.log")
+        pg = start_postgres(root, port, RUN / "postgres.log")
     except PostgresUnavailable as exc:
         if choice == "postgres":
             raise RuntimeError(f"PostgreSQL for Prefect: {exc}") from None
@@ -180,7 +211,7 @@ def _database(port: int, services: dict[str, Any]) -> tuple[str | None, str]:
              f"'database is locked' ({exc}; `make serve` installs it as root)")
         return None, sqlite
     services["postgres"] = {"pid": pg.process.pid, "port": port}
-    return pg.url, f"PostgreSQL on {HOST}:{port} (data in {RUN / 'postgres'})"
+    return pg.url, f"PostgreSQL on {HOST}:{port} (data in {root})"
 
 
 def _golden(bucket: str, options: dict[str, Any]) -> str:
@@ -273,7 +304,11 @@ def start() -> int:
         _record(services, urls)
         port = ports["prefect"]
         api = f"http://{HOST}:{port}/api"
-        server_env = dict(base_env)
+        # The UI asks /ui-settings where the API is: derived from these settings, not from
+        # `--port` (without them a stack on another port than 4200 has a UI talking to 4200).
+        server_env = {**base_env, "PREFECT_UI_API_URL": api, "PREFECT_SERVER_API_HOST": HOST,
+                      "PREFECT_SERVER_API_PORT": str(port),
+                      "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false"}
         if db_url:
             server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = db_url
         prefect = _spawn("prefect", [str(BIN / "prefect"), "server", "start", "--host", HOST,
@@ -290,11 +325,13 @@ def start() -> int:
         urls["s3"] = s3.endpoint_url
         # 3. Ray head (its workers inherit the S3 settings)
         ray_port, dash_port = ports["ray"], ports["ray_dashboard"]
+        # Ray's Unix sockets live under its temp folder + ~63 characters (limit 107).
+        ray_dir = _short_dir("ray", 40)
         ray = _spawn("ray", [str(BIN / "ray"), "start", "--head", "--block",
                              f"--node-ip-address={HOST}", f"--port={ray_port}",
                              f"--dashboard-host={HOST}", f"--dashboard-port={dash_port}",
-                             f"--temp-dir={RUN / 'ray'}", "--disable-usage-stats"], env)
-        services["ray"] = {"pid": ray.pid, "port": ray_port, "temp_dir": str(RUN / "ray")}
+                             f"--temp-dir={ray_dir}", "--disable-usage-stats"], env)
+        services["ray"] = {"pid": ray.pid, "port": ray_port, "temp_dir": str(ray_dir)}
         _record(services, urls)
         urls["ray"], urls["ray_dashboard"] = f"{HOST}:{ray_port}", f"http://{HOST}:{dash_port}"
         golden = _golden(bucket, s3.storage_options)
@@ -352,9 +389,22 @@ def _active_runs(api: str, deployment_ids: list[str]) -> list[dict[str, Any]]:
     return _http_json(f"{api}/flow_runs/filter", body) or []
 
 
+def _unschedule(api: str, deployment_ids: list[str]) -> None:
+    """Delete the runs Prefect's scheduler created ahead for these deployments (pausing
+    does not: the runner would still start them); the next start schedules them again.
+    Runs created otherwise (a trigger's queued recalibration, a UI submit) are kept."""
+    body = {"deployments": {"id": {"any_": deployment_ids}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}
+    for run in _http_json(f"{api}/flow_runs/filter", body) or []:
+        if run.get("auto_scheduled"):
+            with contextlib.suppress(urllib.error.HTTPError):
+                _http_json(f"{api}/flow_runs/{run['id']}", method="DELETE")
+
+
 def _drain(api: str, grace_s: float) -> None:
-    """Pause every deployment (no new runs), then wait up to ``grace_s`` for the runs in
-    flight to finish (a sensor scan takes seconds; a recalibration may take minutes)."""
+    """Pause every deployment and drop its scheduled runs (no new runs), then wait up to
+    ``grace_s`` for the runs in flight to finish (a sensor scan takes seconds; a
+    recalibration may take minutes): done when none has been active for 2 s."""
     ids = []
     for name in DEPLOYMENTS:
         with contextlib.suppress(Exception):
@@ -362,16 +412,27 @@ def _drain(api: str, grace_s: float) -> None:
             if d:
                 ids.append(d["id"])
                 _http_json(f"{api}/deployments/{d['id']}/pause_deployment", {}, "POST")
-    if not ids or grace_s <= 0:
+    if not ids:
         return
-    deadline = time.monotonic() + grace_s
+    deadline = time.monotonic() + max(grace_s, 0.0)
     shown: set[str] = set()
-    while time.monotonic() < deadline:
+    quiet_since: float | None = None
+    while True:
         try:
+            _unschedule(api, ids)
             runs = _active_runs(api, ids)
         except Exception:
             return
-        if not runs:
+        now = time.monotonic()
+        if runs:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = now
+        elif now - quiet_since >= 2.0:
+            return
+        if now >= deadline:
+            if runs:
+                _say("grace period over: runs still in flight are cancelled")
             return
         for run in runs:
             if run["id"] not in shown:
@@ -379,7 +440,6 @@ def _drain(api: str, grace_s: float) -> None:
                 _say(f"waiting for flow run {run['name']} to finish (up to {grace_s:.0f} s; "
                      "BLIS_STOP_GRACE_S=0 cancels it)")
         time.sleep(0.5)
-    _say("grace period over: runs still in flight are cancelled")
 
 
 def _group_members(pgid: int) -> list[int]:
