@@ -620,7 +620,9 @@ def _gate_cell(e: Pointer) -> str:
         return f"gate skipped: {e.gate_skipped} by {e.by}"
     if not e.gate:
         return "–"
-    mapes = f"{_fmt(e.gate.get('candidate_mape'))}% vs {_fmt(e.gate.get('baseline_mape'))}%"
+    baseline = e.gate.get("baseline_mape")
+    mapes = (f"{_fmt(e.gate.get('candidate_mape'))}% vs {_fmt(baseline)}%" if baseline is not None
+             else f"{_fmt(e.gate.get('candidate_mape'))}% (nothing to compare with)")
     if e.action == channels.REFUSED or not e.gate.get("passed", True):
         return f"refused: {mapes}: " + "; ".join(e.gate.get("reasons") or [])
     return f"passed: {mapes}"

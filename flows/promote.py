@@ -52,8 +52,8 @@ def promote(version: str,
         channel: The channel to move: stable (gated) or candidate.
         reason: Why this release (recorded in the history).
         skip_gate: Promote WITHOUT the golden gate. An override for emergencies: needs
-            skip_gate_reason, and the history records "gate skipped: <reason> by
-            <reviewer>".
+            skip_gate_reason, and the history records "gate skipped: REASON by
+            REVIEWER".
         skip_gate_reason: Why the gate is skipped (required with skip_gate).
         store: The release store (set by the deployment).
         golden: The golden corpus both releases are scored on (set by the deployment;

@@ -60,10 +60,11 @@ def _read_text(url: str, name: str) -> str:
             return ""
 
 
-#: Columns of the metrics table artifact (MAPE in %, two decimals).
+#: Metric columns of the metrics table artifact: MAPE in %, two decimals. Short headers,
+#: so that the table fits the Prefect UI's artifact page without a horizontal scroll.
 METRIC_COLUMNS: dict[str, str] = {
-    "in_sample_mape": "in-sample MAPE %", "temporal_mape": "temporal MAPE %",
-    "loo_mape": "LOO MAPE %", "blis_projection_mape": "BLIS projection MAPE %"}
+    "in_sample_mape": "in-sample %", "temporal_mape": "temporal %", "loo_mape": "LOO %",
+    "blis_projection_mape": "BLIS proj. %"}
 
 
 def _round(value: Any, digits: int = 2) -> float | None:
@@ -85,14 +86,14 @@ def metrics_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     def mape(kind: str, name: str) -> Any:
         return ((metrics.get(kind) or {}).get(name) or {}).get("mape")
 
-    def row(scope: str, name: str, steps: Any, values: dict[str, Any]) -> dict[str, Any]:
-        return {"scope": scope, "name": name, "steps": steps,
+    def row(name: str, steps: Any, values: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "steps": steps,
                 **{label: _round(values.get(key)) for key, label in METRIC_COLUMNS.items()}}
 
     rows = []
     for exp in manifest.get("experiments", []):
         name = exp["name"]
-        rows.append(row("experiment", name, exp.get("steps"), {
+        rows.append(row(name, exp.get("steps"), {
             "in_sample_mape": mape("in_sample", name),
             "temporal_mape": mape("temporal_holdout", name),
             "loo_mape": mape("leave_one_experiment_out", name),
@@ -100,13 +101,13 @@ def metrics_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
                 "mape")}))
     s = metrics.get("summary") or {}
     ps = ((metrics.get("blis_projection") or {}).get("summary")) or {}
-    rows.append(row("mean", f"mean over experiments ({manifest.get('family')})",
+    rows.append(row(f"mean over experiments ({manifest.get('family')})",
                     (manifest.get("corpus") or {}).get("steps"),
                     {**s, "blis_projection_mape": ps.get("projection_mape")}))
     selection = metrics.get("family_selection") or {}
     for score in selection.get("scores") or []:
         chosen = " (chosen)" if score.get("family") == selection.get("winner") else ""
-        rows.append(row("family", f"{score.get('family')}{chosen}", None, score))
+        rows.append(row(f"family {score.get('family')}{chosen}", None, score))
     return rows
 
 
@@ -161,8 +162,9 @@ def publish_artifacts(release_url: str) -> dict[str, str]:
     published[key] = "markdown"
     key = _key("metrics")
     create_table_artifact(metrics_rows(manifest), key=key,
-                          description=f"Accuracy of release {version} (MAPE %, per "
-                                      "experiment, mean and per family)")
+                          description=f"Accuracy of release {version}: MAPE % per "
+                                      "experiment, their mean (the model card's numbers) "
+                                      "and, per candidate family, its validation MAPE %")
     published[key] = "table"
     if images:
         key = _key("plots")

@@ -398,11 +398,12 @@ def test_metrics_table_has_experiments_mean_and_families() -> None:
                                 {"family": "overlap", "loo_mape": 3.0049999,
                                  "temporal_mape": float("nan")}]}}}
     rows = metrics_rows(manifest)
-    assert [(r["scope"], r["name"]) for r in rows] == [
-        ("experiment", "a"), ("mean", "mean over experiments (picf)"),
-        ("family", "picf (chosen)"), ("family", "overlap")]
-    assert rows[0]["in-sample MAPE %"] == 1.23 and rows[1]["in-sample MAPE %"] == 6.52
-    assert rows[3]["LOO MAPE %"] == 3.0 and rows[3]["temporal MAPE %"] is None
+    assert [r["name"] for r in rows] == ["a", "mean over experiments (picf)",
+                                         "family picf (chosen)", "family overlap"]
+    assert rows[0]["in-sample %"] == 1.23 and rows[1]["in-sample %"] == 6.52
+    assert rows[3]["LOO %"] == 3.0 and rows[3]["temporal %"] is None
+    assert list(rows[0]) == ["name", "steps", "in-sample %", "temporal %", "LOO %",
+                             "BLIS proj. %"]
     for row in rows:  # every number short: two decimals at most
         for value in row.values():
             assert not isinstance(value, float) or len(repr(value).split(".")[1]) <= 2
