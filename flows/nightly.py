@@ -22,6 +22,7 @@ from blis_model.releases.store import list_releases
 from blis_model.storage import redact
 from blis_model.storage.layout import release_url
 from flows.calibrate import calibrate
+from tasks.artifacts import publish_candidate_note
 from tasks.channels import move_channel, run_actor, run_info
 
 
@@ -60,6 +61,7 @@ def recalibrate(corpus: str, store: str, family: str = AUTO_FAMILY,
     mark_calibrated(store, corpus, identity, version, experiments=scanned)
     move_channel(store, version, channel, by=run_actor(), reason=reason, latest_wins=True,
                  run=run_info())
+    publish_candidate_note(version, channel, reason)  # links to the subflow's artifacts
     known = len(list_releases(store))
     logger.info("release %s is the new %s (%d release(s) in the store); promote it with the "
                 "'promote' deployment", version, channel, known)

@@ -185,6 +185,54 @@ def skipped_gate_markdown(pointer: dict[str, Any]) -> str:
             "history\n")
 
 
+def release_artifact_ids(version: str) -> dict[str, str]:
+    """``{key: artifact id}`` of the artifacts published for release ``version`` (found
+    by their description, which names the version)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    keys = [_key("model-card"), _key("metrics"), _key("plots")]
+    found: dict[str, str] = {}
+    with get_client(sync_client=True) as client:
+        for artifact in client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
+                sort=ArtifactSort.CREATED_DESC, limit=50):
+            if version in (artifact.description or "") and artifact.key not in found:
+                found[str(artifact.key)] = str(artifact.id)
+    return found
+
+
+def candidate_markdown(version: str, channel: str, reason: str,
+                       artifacts: dict[str, str]) -> str:
+    """What a reviewer opening a recalibration run needs: the new release, links to its
+    model card, metrics and plots (published by the calibration subflow) and how to
+    promote it."""
+    names = {_key("model-card"): "model card", _key("metrics"): "metrics table",
+             _key("plots"): "plots"}
+    links = ", ".join(f"[{names[k]}](/artifacts/artifact/{i})" for k, i in sorted(
+        artifacts.items()) if k in names) or "see the calibrate subflow's artifacts"
+    return (f"# Release {version} is the new {channel}\n\n- why: {reason}\n"
+            f"- review: {links}\n- promote it: **Deployments → promote/promote → Run → "
+            f"Custom run**, `version` = `{version}`, your name as `reviewer`; the golden "
+            "gate runs first\n")
+
+
+@task(name="publish-candidate-note", cache_policy=NO_CACHE)
+def publish_candidate_note(version: str, channel: str, reason: str) -> str:
+    """A short markdown artifact on the recalibration run linking to the release's
+    artifacts; returns its key."""
+    key = _key(channel)
+    try:
+        artifacts = release_artifact_ids(version)
+    except Exception as exc:  # links are a convenience: never fail the run for them
+        get_run_logger().warning("cannot link the artifacts of %s: %s", version, exc)
+        artifacts = {}
+    create_markdown_artifact(candidate_markdown(version, channel, reason, artifacts), key=key,
+                             description=f"{version} is the new {channel}")
+    return key
+
+
 def _pct(value: Any) -> str:
     return "–" if value is None else f"{float(value):.2f}"
 
@@ -213,5 +261,6 @@ def gate_markdown(gate: dict[str, Any], verdict: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["card_with_plots", "gate_markdown", "metrics_rows", "plots_markdown",
-           "publish_artifacts", "release_plots", "skipped_gate_markdown"]
+__all__ = ["candidate_markdown", "card_with_plots", "gate_markdown", "metrics_rows",
+           "plots_markdown", "publish_artifacts", "publish_candidate_note", "release_plots",
+           "skipped_gate_markdown"]

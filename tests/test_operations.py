@@ -194,7 +194,12 @@ def test_upload_triggers_calibration_that_moves_candidate(ops: Ops, local_ray: N
         for a in client.read_artifacts(artifact_filter=ArtifactFilter(
                 key=ArtifactFilterKey(like_="blis-")), sort=ArtifactSort.CREATED_DESC):
             artifacts.setdefault(a.key, a)
-    assert {"blis-model-card", "blis-metrics", "blis-plots"} <= set(artifacts)
+    assert {"blis-model-card", "blis-metrics", "blis-plots", "blis-candidate"} <= set(artifacts)
+    # The recalibration run itself links to the subflow's artifacts, for the reviewer.
+    note = str(artifacts["blis-candidate"].data)
+    assert artifacts["blis-candidate"].flow_run_id == first.id and version in note
+    for key in ("blis-model-card", "blis-metrics", "blis-plots"):
+        assert f"(/artifacts/artifact/{artifacts[key].id})" in note
     plots = str(artifacts["blis-plots"].data)
     assert plots.count("](data:image/png;base64,") == 3 and "learning curve" in plots
     assert "](data:image/png;base64," in str(artifacts["blis-model-card"].data)
