@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(STAMP)
 
-test: setup go-toolchain
+test: setup go-toolchain stack-deps
 	$(TEST_ENV) $(BIN)/python -m pytest -q tests
 
 # The real step-only sample corpus (BLIS default alphas), then a synthetic multi-config corpus
@@ -39,10 +39,11 @@ clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-# The calibration loop on this machine (127.0.0.1): S3 server, Prefect server + UI, Ray head
-# and the served deployments; `make stop` stops exactly what `make serve` started.
+# The calibration loop on this machine (127.0.0.1): S3 server, Prefect server + UI (on
+# PostgreSQL), Ray head and the served deployments; `make stop` stops exactly what
+# `make serve` started (letting runs in flight finish first).
 .PHONY: serve stop
-serve: setup
+serve: setup stack-deps
 	$(BIN)/python -m deploy.stack start
 
 stop:
@@ -61,3 +62,17 @@ go-toolchain:
 .PHONY: test-fast
 test-fast: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not services" tests
+
+# Debian's PostgreSQL (the local stack's Prefect database: concurrent runs never hit SQLite's
+# "database is locked") and Chromium (the browser test of the Prefect UI, driven by
+# Playwright: never `playwright install`). Installed only when missing, as root.
+.PHONY: stack-deps
+stack-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+		|| missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	else echo "not installed:$$missing (apt-get install$$missing as root): the stack uses" \
+		"SQLite without postgresql; the browser test skips without chromium"; fi; fi

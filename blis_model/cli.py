@@ -16,15 +16,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
-import numpy as np
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -37,21 +36,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from blis_model.calibration import featurize as featurization
-from blis_model.calibration import recipe
-from blis_model.calibration.gate import load_gate
 from blis_model.configuration.defaults import GATE_TOLERANCE_PP, MAX_REQUEST_FAILURE_RATE
-from blis_model.configuration.experiment import Experiment
 from blis_model.errors import BlisModelError, CorpusError, ReleaseError
-from blis_model.metrics import per_experiment
-from blis_model.models.registry import AUTO_FAMILY, FAMILIES
 from blis_model.releases import channels
 from blis_model.releases.channels import Pointer, list_channels
-from blis_model.releases.diff import diff_releases
-from blis_model.releases.read import Release, load_release, predict_frame, read_manifest
+from blis_model.releases.read import Release, load_release, read_manifest
 from blis_model.releases.store import list_releases
 from blis_model.releases.versions import code_version
-from blis_model.requests import stage as request_level
 from blis_model.storage import (
     StorageError,
     redact,
@@ -59,7 +50,17 @@ from blis_model.storage import (
     write_bytes_atomic,
 )
 
+if TYPE_CHECKING:  # the commands import what they need: `releases ...` stays fast
+    from blis_model.calibration import featurize as featurization
+    from blis_model.configuration.experiment import Experiment
+    from blis_model.requests import stage as request_level
+
 PREDICTION_COLUMNS = ("experiment", "step_id", "predicted_us")
+#: The model families of ``models.registry.FAMILIES``, named here for --help so that the
+#: CLI does not import every family to start (tests/test_cli.py keeps the two equal).
+FAMILY_NAMES: tuple[str, ...] = ("bsr_ard", "hfd_tl", "hybrid", "mole_rd", "overlap", "picf",
+                                 "rece")
+AUTO_FAMILY = "auto"
 
 app = typer.Typer(
     name="blis-model",
@@ -77,7 +78,9 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 def _stdout_console() -> Console:
     """Console for human tables on stdout (wide when not a terminal, so nothing wraps)."""
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 240)
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if columns.isdigit() else 240
+    return Console(highlight=False, width=None if sys.stdout.isatty() else width)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -176,6 +179,8 @@ def _progress() -> Progress:
 def _featurize_all(experiments: Sequence[Experiment], options: dict[str, Any],
                    settings: request_level.RequestSettings | None = None
                    ) -> list[featurization.Featurized]:
+    from blis_model.calibration import featurize as featurization
+
     items = []
     with _progress() as progress:
         task = progress.add_task("featurize", total=len(experiments))
@@ -204,11 +209,12 @@ def _load_release(url: str) -> Release:
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+    if value is None:
         return "–"
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    return f"{float(value):.{digits}f}"
+    if isinstance(value, int) or type(value).__name__.startswith(("int", "uint")):
+        return str(int(value))  # Python and numpy integers
+    number = float(value)
+    return f"{number:.{digits}f}" if math.isfinite(number) else "–"
 
 
 def _accuracy_table(manifest: dict[str, Any], title: str) -> Table:
@@ -282,7 +288,7 @@ def _replay_table(reports: dict[str, dict[str, Any]], title: str) -> Table:
 CorpusArg = Annotated[str, typer.Argument(help="Corpus folder or URL (path, file://, s3://).")]
 StoreOpt = Annotated[str, typer.Option("--store", help="Release store (path or s3:// URL).")]
 FamilyOpt = Annotated[str, typer.Option(
-    "--family", help=f"Model family ({', '.join(sorted(FAMILIES))}) or 'auto': the winner of "
+    "--family", help=f"Model family ({', '.join(FAMILY_NAMES)}) or 'auto': the winner of "
     "leave-one-experiment-out validation.")]
 HardwareOpt = Annotated[str | None, typer.Option(
     "--default-hardware", help="GPU for experiments whose exp-config.yaml has no 'hardware'.")]
@@ -305,6 +311,8 @@ def fit(corpus: CorpusArg, store: StoreOpt, family: FamilyOpt = AUTO_FAMILY,
     """Fit a model on CORPUS, publish a release to STORE, print the release URL (last line).
     With journey/API traces, the alphas are fit too and request-level accuracy reported."""
     with _user_errors(), _stdout_to_stderr():
+        from blis_model.requests import stage as request_level
+
         settings = request_level.RequestSettings(
             max_request_failure_rate=max_request_failure_rate,
             exclude_overloaded=exclude_overloaded)
@@ -317,6 +325,8 @@ def _fit(corpus: str, store: str, family: str, base: str | None,
          settings: request_level.RequestSettings | None = None) -> str:
     """The calibration recipe in this process (``calibration.recipe.calibrate``), with
     its steps as a status line; then the release's accuracy tables."""
+    from blis_model.calibration import recipe
+
     with err.status("planning") as status:
         url = recipe.calibrate(corpus, store, family=family, base=base,
                                default_hardware=default_hardware, settings=settings,
@@ -349,6 +359,14 @@ def predict(release: Annotated[str, typer.Argument(
 
 
 def _predict(release_url: str, corpus: str, out: str, default_hardware: str | None) -> str:
+    import numpy as np
+    import pandas as pd
+
+    from blis_model.calibration import featurize as featurization
+    from blis_model.calibration import recipe
+    from blis_model.metrics import per_experiment
+    from blis_model.releases.read import predict_frame
+
     rel = _load_release(release_url)
     corpus_opts = storage_options_for(corpus)
     with err.status("discovering experiments"):
@@ -425,6 +443,8 @@ def _progress_lines(verbose: bool) -> Iterator[None]:
         return
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
+    from blis_model.calibration import recipe
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger(recipe.PROGRESS_LOGGER)
@@ -435,6 +455,31 @@ def _progress_lines(verbose: bool) -> Iterator[None]:
         yield
     finally:
         logger.removeHandler(handler)
+
+
+@app.command()
+def upload(folders: Annotated[list[str], typer.Argument(
+               help="Experiment folder(s): exp-config.yaml with traces.json[.gz] (and/or "
+                    "request measurements).")],
+           to: Annotated[str, typer.Option(
+               "--to", envvar="BLIS_CORPUS",
+               help="Prefix the experiments go under (default $BLIS_CORPUS: the one the "
+                    "on-upload sensor watches).")],
+           default_hardware: HardwareOpt = None) -> None:
+    """Upload experiment folders to the watched prefix (each checked first; its
+    exp-config.yaml last, so the sensor never sees half an experiment); print each URL."""
+    from blis_model.ingest.uploads import upload_experiment
+
+    urls = []
+    with _user_errors(), _stdout_to_stderr():
+        options = storage_options_for(to)
+        for folder in folders:
+            with err.status(f"uploading {folder}"):
+                urls.append(upload_experiment(folder, to, options,
+                                              default_hardware=default_hardware))
+            err.print(f"uploaded {folder} → {redact(urls[-1])}", markup=False)
+    for url in urls:
+        typer.echo(redact(url))
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
@@ -513,7 +558,7 @@ def releases_list(store: Annotated[str, typer.Argument(help="Release store (path
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        err.print(f"no releases in {redact(store)}", markup=False)
+        typer.echo(f"no releases in {redact(store)}")
         return
     table = Table()
     for col in ("version", "created_at", "family", "experiments", "steps", "temporal MAPE %",
@@ -525,10 +570,12 @@ def releases_list(store: Annotated[str, typer.Argument(help="Release store (path
                       _fmt(r["experiments"]), _fmt(r["steps"]), _fmt(r["temporal_mape"]),
                       _fmt(r["loo_mape"]), _fmt(r["blis_projection_mape"]), str(r["url"]),
                       ", ".join(r["channels"]))
-    _stdout_console().print(table)
+    console = _stdout_console()
+    console.print(table)
     for name, p in sorted(pointers.items()):
-        err.print(f"{name} → {p.version} (set {p.updated_at} by {p.by}"
-                  + (f": {p.reason}" if p.reason else "") + ")", markup=False)
+        console.print(f"{name} → {p.version} (set {p.updated_at} by {_who(p)}"
+                      + (f": {p.reason}" if p.reason else "") + ")", markup=False,
+                      soft_wrap=True)
 
 
 @releases_app.command("show")
@@ -605,24 +652,40 @@ def releases_promote(store: StoreArg,
                      version: Annotated[str, typer.Argument(help="Release version to promote.")],
                      channel: ChannelOpt = "stable", reason: ReasonOpt = "", by: ByOpt = None,
                      golden: Annotated[str | None, typer.Option(
-                         "--golden", help="Golden corpus: refuse a release whose step MAPE on "
-                                          "it is worse than the channel's current release's.")]
+                         "--golden", envvar="BLIS_GOLDEN",
+                         help="Golden corpus: refuse a release whose MAPE on it is worse than "
+                              "the channel's current release's (default $BLIS_GOLDEN).")]
                      = None,
+                     no_gate: Annotated[bool, typer.Option(
+                         "--no-gate", help="Promote without the golden gate; --reason is "
+                                           "then required and recorded as why the gate was "
+                                           "skipped.")] = False,
                      tolerance: Annotated[float, typer.Option(
                          "--tolerance", help="Gate tolerance, percentage points of MAPE.")]
                      = GATE_TOLERANCE_PP,
                      default_hardware: HardwareOpt = None, as_json: JsonOpt = False) -> None:
-    """Move CHANNEL of STORE to VERSION (after the golden gate); print the new pointer."""
+    """Move CHANNEL of STORE to VERSION after the golden gate; print the new pointer.
+    stable moves only through the gate (--golden) or with --no-gate --reason "..."."""
     with _user_errors(), _stdout_to_stderr():
+        if no_gate and not reason.strip():
+            raise ReleaseError("--no-gate needs --reason: why the gate is skipped is recorded "
+                               "in the channel's history")
         options = storage_options_for(store)
         gate = None
-        if golden:
+        if golden and not no_gate:
+            from blis_model.calibration.gate import load_gate
+
             with err.status("featurizing the golden corpus"):
-                gate = load_gate(golden, storage_options_for(golden),
-                                          default_hardware, tolerance)
+                gate = load_gate(golden, storage_options_for(golden), default_hardware,
+                                 tolerance)
         try:
             pointer = channels.promote(store, version, channel, by=by, reason=reason,
-                                       gate=gate, options=options)
+                                       gate=gate, skip_gate=reason if no_gate else None,
+                                       options=options)
+        except channels.GateRequired:
+            raise ReleaseError(f"promotion to {channel} needs the golden gate: pass --golden "
+                               "CORPUS (or set BLIS_GOLDEN), or skip it with --no-gate "
+                               "--reason \"...\" (recorded in the history)") from None
         except channels.GateRefused as exc:
             err.print(_gate_table(exc.result.to_dict()))
             raise
@@ -641,10 +704,38 @@ def releases_rollback(store: StoreArg, channel: ChannelOpt = "stable", reason: R
     typer.echo(json.dumps(pointer.to_dict(), indent=2) if as_json else _pointer_line(pointer))
 
 
+def _who(e: Pointer) -> str:
+    """Who acted, and through which flow run and deployment (when one did)."""
+    run = e.run or {}
+    if not run.get("flow_run_id"):
+        return e.by
+    if run.get("flow_run_name") and f"flow run {run['flow_run_name']}" in e.by:
+        return f"{e.by} [{run['flow_run_id']}]"  # the run acted by itself (candidate)
+    deployment = run.get("deployment_name") or run.get("deployment_id")
+    return (f"{e.by} via flow run {run.get('flow_run_name')} [{run['flow_run_id']}]"
+            + (f" of deployment {deployment}" if deployment else ""))
+
+
+def _gate_cell(e: Pointer) -> str:
+    """The gate's part in one channel event: passed/refused with the step MAPEs, skipped
+    with the reason and who skipped it, or "–" (no gate: a channel without one)."""
+    if e.gate_skipped:
+        return f"gate skipped: {e.gate_skipped} by {e.by}"
+    if not e.gate:
+        return "–"
+    baseline = e.gate.get("baseline_mape")
+    mapes = (f"{_fmt(e.gate.get('candidate_mape'))}% vs {_fmt(baseline)}%" if baseline is not None
+             else f"{_fmt(e.gate.get('candidate_mape'))}% (nothing to compare with)")
+    if e.action == channels.REFUSED or not e.gate.get("passed", True):
+        return f"refused: {mapes}: " + "; ".join(e.gate.get("reasons") or [])
+    return f"passed: {mapes}"
+
+
 @releases_app.command("history")
 def releases_history(store: StoreArg, channel: ChannelOpt = "stable",
                      as_json: JsonOpt = False) -> None:
-    """Every move of CHANNEL, oldest first: when, who, what, why."""
+    """Every move of CHANNEL, oldest first, and every promotion the gate refused: when,
+    who (and through which flow run), what, the gate, why."""
     with _user_errors():
         events = channels.history(store, channel, storage_options_for(store))
     if as_json:
@@ -654,10 +745,8 @@ def releases_history(store: StoreArg, channel: ChannelOpt = "stable",
     for col in ("seq", "updated_at", "action", "version", "previous", "by", "gate", "reason"):
         table.add_column(col, no_wrap=col not in ("by", "reason", "gate"))
     for e in events:
-        gate = (f"{_fmt(e.gate.get('candidate_mape'))}% vs {_fmt(e.gate.get('baseline_mape'))}%"
-                if e.gate else "–")
-        table.add_row(str(e.seq), e.updated_at, e.action, e.version, e.previous or "–", e.by,
-                      gate, e.reason)
+        table.add_row(str(e.seq), e.updated_at, e.action, e.version, e.previous or "–",
+                      _who(e), _gate_cell(e), e.reason)
     _stdout_console().print(table)
 
 
@@ -666,6 +755,8 @@ def releases_diff(release_a: Annotated[str, typer.Argument(help="Release URL (be
                   release_b: Annotated[str, typer.Argument(help="Release URL (after).")],
                   as_json: JsonOpt = False) -> None:
     """Coefficient and metric changes from RELEASE_A to RELEASE_B."""
+    from blis_model.releases.diff import diff_releases
+
     with _user_errors():
         diff = diff_releases(release_a, release_b, storage_options_for(release_a),
                              storage_options_for(release_b))

@@ -30,7 +30,7 @@ from typing import Any
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 60.0
 # Ports of: master, volume, filer, s3, admin (http + grpc each).
-_PORT_FLAGS = (
+PORT_FLAGS = (
     "master.port",
     "master.port.grpc",
     "volume.port",
@@ -125,6 +125,17 @@ class S3Server:
         }
 
     @property
+    def blis_env(self) -> dict[str, str]:
+        """Environment pointing blis-model (only) at this server: ``BLIS_S3_*`` names,
+        which leave a shell's own ``AWS_*`` credentials alone."""
+        return {
+            "BLIS_S3_ENDPOINT_URL": self.endpoint_url,
+            "BLIS_S3_ACCESS_KEY_ID": self.access_key,
+            "BLIS_S3_SECRET_ACCESS_KEY": self.secret_key,
+            "BLIS_S3_REGION": self.region,
+        }
+
+    @property
     def env(self) -> dict[str, str]:
         """Environment variables pointing AWS clients (and blis-model) at this server."""
         return {
@@ -181,13 +192,29 @@ class S3Server:
                     sock.unlink()
 
 
-def start_s3_server(root: Path, timeout: float = START_TIMEOUT_S) -> S3Server:
-    """Start ``weed mini`` with its data under ``root`` and wait until S3 answers."""
+def _saved_credentials(config_path: Path) -> tuple[str, str] | None:
+    """The access key and secret of an identities file written by an earlier start."""
+    try:
+        identity = json.loads(config_path.read_text())["identities"][0]["credentials"][0]
+        return str(identity["accessKey"]), str(identity["secretKey"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def start_s3_server(root: Path, timeout: float = START_TIMEOUT_S,
+                    ports: dict[str, int] | None = None,
+                    reuse_credentials: bool = False) -> S3Server:
+    """Start ``weed mini`` with its data under ``root`` and wait until S3 answers.
+
+    ``ports`` (flag → port, e.g. those of an earlier start) are used when given, else free
+    ports are chosen; with ``reuse_credentials`` the keys of an earlier start under
+    ``root`` are kept, so clients configured for it stay valid across restarts."""
     root.mkdir(parents=True, exist_ok=True)
     data_dir = root / "data"
     data_dir.mkdir(exist_ok=True)
-    access_key, secret_key = _random_access_key(), _random_secret_key()
     config_path = root / "s3-identities.json"
+    saved = _saved_credentials(config_path) if reuse_credentials else None
+    access_key, secret_key = saved or (_random_access_key(), _random_secret_key())
     config_path.write_text(
         json.dumps(
             {
@@ -202,7 +229,8 @@ def start_s3_server(root: Path, timeout: float = START_TIMEOUT_S) -> S3Server:
         )
     )
     config_path.chmod(0o600)
-    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
+    if ports is None or set(ports) != set(PORT_FLAGS):
+        ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
     cmd = [
         find_weed(),
         "mini",

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
+from prefect.states import Completed
 
 from blis_model.ingest.uploads import load_seen, new_experiments, save_seen, scan
 from blis_model.storage import redact
+from flows.runtime import quiet_domain_tracebacks
 
 EVENT = "blis.experiment.uploaded"
 
 
 @flow(name="watch-uploads")
-def watch_uploads(prefix: str, store: str, settle_s: float = 30.0) -> list[str]:
+def watch_uploads(prefix: str, store: str, settle_s: float = 10.0) -> list[str]:
     """Scan ``prefix`` once; emit an event per experiment that is new or changed and has
     not changed for ``settle_s`` seconds (a folder still uploading waits). Returns the
-    names of the experiments reported."""
+    names of the experiments reported; the run's final message says how many there are.
+    An empty or not yet created prefix holds 0 experiments (a Completed run); a missing
+    bucket or bad credentials fail the run with one line."""
+    quiet_domain_tracebacks()
     logger = get_run_logger()
     scanned = scan(prefix)
     seen = load_seen(store, prefix)
@@ -44,6 +49,9 @@ def watch_uploads(prefix: str, store: str, settle_s: float = 30.0) -> list[str]:
         remembered = {name: s for name, s in scanned.items()
                       if name in {r.name for r in ready} or seen.get(name) == s.identity}
         save_seen(store, prefix, remembered)
-    logger.info("%d experiment(s) under %s: %d new, %d still uploading", len(scanned), corpus,
-                len(ready), len(waiting))
-    return [r.name for r in ready]
+    message = (f"{len(scanned)} experiment(s) under {corpus}: {len(ready)} new, "
+               f"{len(waiting)} still uploading")
+    if not scanned:
+        message = f"0 experiments under {corpus} (empty, or nothing uploaded yet)"
+    logger.info("%s", message)
+    return Completed(message=message, data=[r.name for r in ready])

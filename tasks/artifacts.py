@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from typing import Any
 
@@ -59,41 +60,56 @@ def _read_text(url: str, name: str) -> str:
             return ""
 
 
+#: Metric columns of the metrics table artifact: MAPE in %, two decimals. Short headers,
+#: so that the table fits the Prefect UI's artifact page without a horizontal scroll.
+METRIC_COLUMNS: dict[str, str] = {
+    "in_sample_mape": "in-sample %", "temporal_mape": "temporal %", "loo_mape": "LOO %",
+    "blis_projection_mape": "BLIS proj. %"}
+
+
+def _round(value: Any, digits: int = 2) -> float | None:
+    """A metric for a table: rounded, None when missing or not finite."""
+    if value is None:
+        return None
+    number = float(value)
+    return round(number, digits) if math.isfinite(number) else None
+
+
 def metrics_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per experiment (steps, in-sample / temporal / leave-one-out / BLIS
-    projection MAPE %), the mean, and one row per candidate family when the family was
-    chosen by validation (``metrics.family_selection``)."""
+    projection MAPE %), the mean over experiments (what the model card reports), and one
+    row per candidate family when the family was chosen by validation
+    (``metrics.family_selection``). Every MAPE is in % with two decimals."""
     metrics = manifest.get("metrics") or {}
     if metrics.get("request_replay"):
         return replay_rows(metrics["request_replay"])
     proj = ((metrics.get("blis_projection") or {}).get("per_experiment")) or {}
 
-    def mape(kind: str, name: str) -> float | None:
-        value = ((metrics.get(kind) or {}).get(name) or {}).get("mape")
-        return None if value is None else round(float(value), 3)
+    def mape(kind: str, name: str) -> Any:
+        return ((metrics.get(kind) or {}).get(name) or {}).get("mape")
+
+    def row(name: str, steps: Any, values: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "steps": steps,
+                **{label: _round(values.get(key)) for key, label in METRIC_COLUMNS.items()}}
 
     rows = []
     for exp in manifest.get("experiments", []):
         name = exp["name"]
-        p = ((proj.get(name) or {}).get("projection") or {}).get("mape")
-        rows.append({"scope": "experiment", "name": name, "family": manifest.get("family"),
-                     "steps": exp.get("steps"), "in_sample_mape": mape("in_sample", name),
-                     "temporal_mape": mape("temporal_holdout", name),
-                     "loo_mape": mape("leave_one_experiment_out", name),
-                     "blis_projection_mape": None if p is None else round(float(p), 3)})
+        rows.append(row(name, exp.get("steps"), {
+            "in_sample_mape": mape("in_sample", name),
+            "temporal_mape": mape("temporal_holdout", name),
+            "loo_mape": mape("leave_one_experiment_out", name),
+            "blis_projection_mape": ((proj.get(name) or {}).get("projection") or {}).get(
+                "mape")}))
     s = metrics.get("summary") or {}
     ps = ((metrics.get("blis_projection") or {}).get("summary")) or {}
-    rows.append({"scope": "mean", "name": "mean over experiments", "family":
-                 manifest.get("family"), "steps": (manifest.get("corpus") or {}).get("steps"),
-                 **{k: s.get(k) for k in ("in_sample_mape", "temporal_mape", "loo_mape")},
-                 "blis_projection_mape": ps.get("projection_mape")})
+    rows.append(row(f"mean over experiments ({manifest.get('family')})",
+                    (manifest.get("corpus") or {}).get("steps"),
+                    {**s, "blis_projection_mape": ps.get("projection_mape")}))
     selection = metrics.get("family_selection") or {}
     for score in selection.get("scores") or []:
         chosen = " (chosen)" if score.get("family") == selection.get("winner") else ""
-        rows.append({"scope": "family", "name": f"{score.get('family')}{chosen}",
-                     "family": score.get("family"), "steps": None, "in_sample_mape": None,
-                     "temporal_mape": score.get("temporal_mape"),
-                     "loo_mape": score.get("loo_mape"), "blis_projection_mape": None})
+        rows.append(row(f"family {score.get('family')}{chosen}", None, score))
     return rows
 
 
@@ -171,8 +187,9 @@ def publish_artifacts(release_url: str) -> dict[str, str]:
     published[key] = "markdown"
     key = _key("metrics")
     create_table_artifact(metrics_rows(manifest), key=key,
-                          description=f"Accuracy of release {version} (MAPE %, per "
-                                      "experiment, mean and per family)")
+                          description=f"Accuracy of release {version}: MAPE % per "
+                                      "experiment, their mean (the model card's numbers) "
+                                      "and, per candidate family, its validation MAPE %")
     published[key] = "table"
     if images:
         key = _key("plots")
@@ -182,6 +199,63 @@ def publish_artifacts(release_url: str) -> dict[str, str]:
     logger.info("release %s: published its model card, metrics table and %d plot(s) as "
                 "artifacts (%s)", version, len(images), json.dumps(sorted(published)))
     return published
+
+
+def skipped_gate_markdown(pointer: dict[str, Any]) -> str:
+    """A promotion that skipped the golden gate, for the promote flow's artifact."""
+    return (f"# Promotion gate: SKIPPED\n\n- release `{pointer['version']}` → "
+            f"{pointer['channel']} (was `{pointer.get('previous') or 'unset'}`)\n"
+            f"- **gate skipped: {pointer.get('gate_skipped')} by {pointer.get('by')}**\n"
+            "- no golden-corpus comparison was made; the skip is recorded in the channel's "
+            "history\n")
+
+
+def release_artifact_ids(version: str) -> dict[str, str]:
+    """``{key: artifact id}`` of the artifacts published for release ``version`` (found
+    by their description, which names the version)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    keys = [_key("model-card"), _key("metrics"), _key("plots")]
+    found: dict[str, str] = {}
+    with get_client(sync_client=True) as client:
+        for artifact in client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
+                sort=ArtifactSort.CREATED_DESC, limit=50):
+            if version in (artifact.description or "") and artifact.key not in found:
+                found[str(artifact.key)] = str(artifact.id)
+    return found
+
+
+def candidate_markdown(version: str, channel: str, reason: str,
+                       artifacts: dict[str, str]) -> str:
+    """What a reviewer opening a recalibration run needs: the new release, links to its
+    model card, metrics and plots (published by the calibration subflow) and how to
+    promote it."""
+    names = {_key("model-card"): "model card", _key("metrics"): "metrics table",
+             _key("plots"): "plots"}
+    links = ", ".join(f"[{names[k]}](/artifacts/artifact/{i})" for k, i in sorted(
+        artifacts.items()) if k in names) or "see the calibrate subflow's artifacts"
+    return (f"# Release {version} is the new {channel}\n\n- why: {reason}\n"
+            f"- review: {links}\n- promote it: **Deployments → promote/promote → Run → "
+            f"Custom run**, `version` = `{version}`, your name as `reviewer`; the golden "
+            "gate runs first\n")
+
+
+@task(name="publish-candidate-note", cache_policy=NO_CACHE)
+def publish_candidate_note(version: str, channel: str, reason: str) -> str:
+    """A short markdown artifact on the recalibration run linking to the release's
+    artifacts; returns its key."""
+    key = _key(channel)
+    try:
+        artifacts = release_artifact_ids(version)
+    except Exception as exc:  # links are a convenience: never fail the run for them
+        get_run_logger().warning("cannot link the artifacts of %s: %s", version, exc)
+        artifacts = {}
+    create_markdown_artifact(candidate_markdown(version, channel, reason, artifacts), key=key,
+                             description=f"{version} is the new {channel}")
+    return key
 
 
 def _pct(value: Any) -> str:
@@ -212,5 +286,6 @@ def gate_markdown(gate: dict[str, Any], verdict: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["card_with_plots", "gate_markdown", "metrics_rows",
-           "plots_markdown", "publish_artifacts", "release_plots"]
+__all__ = ["candidate_markdown", "card_with_plots", "gate_markdown", "metrics_rows",
+           "plots_markdown", "publish_artifacts", "publish_candidate_note", "release_plots",
+           "skipped_gate_markdown"]

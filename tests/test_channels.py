@@ -20,7 +20,7 @@ from blis_model.cli import app
 from blis_model.errors import ReleaseError
 from blis_model.releases import channels
 from blis_model.releases.build import build_release, release_version
-from blis_model.releases.channels import ChannelConflict, GateRefused
+from blis_model.releases.channels import ChannelConflict, GateRefused, GateRequired
 from blis_model.releases.diff import diff_releases
 from blis_model.releases.store import list_releases, publish
 from blis_model.storage.layout import release_url
@@ -75,7 +75,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def invoke(*args: str, expect: int = 0):  # noqa: ANN201 - click Result
-    result = CliRunner().invoke(app, list(args))
+    result = CliRunner().invoke(app, list(args), env={"BLIS_GOLDEN": None})
     assert result.exit_code == expect, (result.stdout, result.stderr, result.exception)
     assert "Traceback" not in result.stderr
     return result
@@ -91,13 +91,22 @@ def test_promote_gate_rollback_and_history(store: str, built: Built) -> None:
     assert first.gate["passed"] and first.gate["baseline"] is None
 
     with pytest.raises(GateRefused, match=r"worse than .* by more than 1 percentage point"):
-        channels.promote(store, bad, "stable", by="bob", gate=built.gate)
+        channels.promote(store, bad, "stable", by="bob", reason="try", gate=built.gate,
+                         run={"flow_run_id": "r1", "flow_run_name": "brave-fox"})
     assert channels.read_channel(store, "stable").pointer == first  # unchanged
 
-    moved = channels.promote(store, bad, "stable", by="bob", reason="forced, no gate")
+    # stable moves without a gate only with a reason to skip it, which is recorded.
+    with pytest.raises(GateRequired, match="needs the golden gate"):
+        channels.promote(store, bad, "stable", by="bob", reason="forced, no gate")
+    with pytest.raises(GateRequired):
+        channels.promote(store, bad, "stable", by="bob", skip_gate="   ")
+    assert channels.read_channel(store, "stable").pointer == first
+    moved = channels.promote(store, bad, "stable", by="bob", reason="forced, no gate",
+                             skip_gate="golden corpus being rebuilt")
     assert (moved.version, moved.previous, moved.seq) == (bad, good, 2)
+    assert (moved.gate, moved.gate_skipped) == (None, "golden corpus being rebuilt")
     with pytest.raises(ReleaseError, match="already points to"):
-        channels.promote(store, bad, "stable")
+        channels.promote(store, bad, "stable", gate=built.gate)
 
     back = channels.rollback(store, "stable", by="carol", reason="regression")
     assert (back.version, back.previous, back.action) == (good, None, "rollback")
@@ -107,8 +116,14 @@ def test_promote_gate_rollback_and_history(store: str, built: Built) -> None:
     events = channels.history(store, "stable")
     assert [(e.seq, e.action, e.version, e.by, e.reason) for e in events] == [
         (1, "promote", good, "alice", "first release"),
+        (1, "refused", bad, "bob", "try"),
         (2, "promote", bad, "bob", "forced, no gate"),
         (3, "rollback", good, "carol", "regression")]
+    refused = events[1]
+    assert refused.previous == good and not refused.gate["passed"]
+    assert "worse than" in refused.gate["reasons"][0]
+    assert refused.run == {"flow_run_id": "r1", "flow_run_name": "brave-fox"}
+    assert events[2].gate_skipped == "golden corpus being rebuilt"
     assert all(e.updated_at.endswith("Z") for e in events)
     assert channels.list_channels(store) == {"stable": back}
 
@@ -165,24 +180,37 @@ def test_cli_promote_list_diff_rollback(store: str, built: Built) -> None:
     refused = invoke("releases", "promote", store, bad, "--golden", str(SAMPLE), expect=1)
     lines = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "refused by the golden gate" in lines[0]
-    invoke("releases", "promote", store, bad, "--channel", "candidate")
+    invoke("releases", "promote", store, bad, "--channel", "candidate")  # not gated
 
     listed = json.loads(invoke("releases", "list", store, "--json").stdout)
     assert {r["version"]: r["channels"] for r in listed} == {good: ["stable"],
                                                              bad: ["candidate"]}
-    assert "stable" in invoke("releases", "list", store).stdout
+    out = invoke("releases", "list", store).stdout  # the channel lines are results too
+    assert f"stable → {good}" in out and f"candidate → {bad}" in out
 
     diff = invoke("releases", "diff", release_url(store, good), release_url(store, bad)).stdout
     assert "coefficient changes" in diff and "model.global.step_overhead" in diff
 
-    invoke("releases", "promote", store, bad, "--channel", "stable", "--by", "ci")
+    # stable without a gate: refused unless --no-gate with a reason (recorded).
+    ungated = invoke("releases", "promote", store, bad, "--by", "ci", expect=1).stderr
+    assert "needs the golden gate" in ungated and "--no-gate" in ungated
+    no_reason = invoke("releases", "promote", store, bad, "--no-gate", expect=1).stderr
+    assert "--no-gate needs --reason" in no_reason
+    invoke("releases", "promote", store, bad, "--channel", "stable", "--by", "ci", "--no-gate",
+           "--reason", "hotfix, golden corpus down")
     back = json.loads(invoke("releases", "rollback", store, "--json").stdout)
     assert back["version"] == good and back["action"] == "rollback"
     hist = json.loads(invoke("releases", "history", store, "--channel", "stable",
                              "--json").stdout)
-    assert [h["version"] for h in hist] == [good, bad, good]
-    assert hist[0]["gate"]["passed"] and hist[1]["by"] == "ci"
-    invoke("releases", "promote", store, "20990101T000000Z-00000000", expect=1)
+    assert [(h["action"], h["version"]) for h in hist] == [
+        ("promote", good), ("refused", bad), ("promote", bad), ("rollback", good)]
+    assert hist[0]["gate"]["passed"] and hist[2]["by"] == "ci"
+    assert hist[2]["gate_skipped"] == "hotfix, golden corpus down"
+    table = invoke("releases", "history", store, "--channel", "stable").stdout
+    assert "gate skipped: hotfix, golden corpus down by ci" in " ".join(table.split())
+    assert "refused:" in table and "passed:" in table
+    invoke("releases", "promote", store, "20990101T000000Z-00000000", "--golden", str(SAMPLE),
+           expect=1)
 
 
 RACER = """
@@ -208,7 +236,7 @@ def test_two_processes_promoting_at_once_one_loses_cleanly(tmp_path: Path, built
 
     store = str(tmp_path / "store")
     good, bad = fill(store, built)
-    channels.promote(store, good, "stable")
+    channels.promote(store, good, "stable", skip_gate="test setup")
     go = tmp_path / "go"
     racers = [subprocess.Popen([sys.executable, "-c", RACER, store, bad, str(go), f"p{i}"],
                                stdout=subprocess.PIPE, text=True) for i in range(2)]
@@ -234,7 +262,7 @@ def test_an_unreachable_store_is_one_clear_error(built: Built) -> None:
                "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
     version = built.versions[0]
     with pytest.raises(StorageError, match=f"cannot reach endpoint {dead}") as info:
-        channels.promote("s3://bucket/store", version, "stable", options=options)
+        channels.promote("s3://bucket/store", version, "candidate", options=options)
     assert "xxxx" not in str(info.value)
 
 

@@ -166,6 +166,90 @@ def test_cli_does_not_import_prefect_or_ray() -> None:
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
+def test_cli_starts_without_the_model_families_or_plotting() -> None:
+    """`releases list/history/promote` stay fast: the CLI imports pandas, scikit-learn,
+    matplotlib and the families only in the commands that need them."""
+    heavy = ("pandas", "sklearn", "matplotlib", "scipy", "blis_model.models.registry")
+    code = ("import sys, blis_model.cli; "
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout
+
+
+def test_help_names_every_family() -> None:
+    from blis_model.cli import AUTO_FAMILY as CLI_AUTO
+    from blis_model.cli import FAMILY_NAMES
+    from blis_model.models.registry import AUTO_FAMILY
+
+    assert tuple(sorted(FAMILIES)) == FAMILY_NAMES and CLI_AUTO == AUTO_FAMILY
+
+
+def test_upload_puts_an_experiment_under_the_watched_prefix(tmp_path: Path) -> None:
+    from blis_model.ingest.uploads import scan
+
+    prefix = tmp_path / "traces"
+    folders = [str(SAMPLE / name) for name in SAMPLE_EXPERIMENTS[:2]]
+    proc = run("upload", *folders, "--to", str(prefix))
+    assert proc.stdout.split() == [str(prefix / n) for n in SAMPLE_EXPERIMENTS[:2]]
+    assert sorted(scan(str(prefix))) == SAMPLE_EXPERIMENTS[:2]
+    for name in SAMPLE_EXPERIMENTS[:2]:
+        assert sorted(p.name for p in (prefix / name).iterdir()) == sorted(
+            p.name for p in (SAMPLE / name).iterdir())
+    # $BLIS_CORPUS is the default destination; a folder that is no experiment is refused.
+    run("upload", folders[0], env={"BLIS_CORPUS": str(tmp_path / "other")})
+    assert (tmp_path / "other" / SAMPLE_EXPERIMENTS[0] / "exp-config.yaml").is_file()
+    bad = run("upload", str(tmp_path), "--to", str(prefix), expect=1)
+    assert bad.stderr.startswith("error: ") and "not an experiment folder" in bad.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(SAMPLE / SAMPLE_EXPERIMENTS[0], broken)
+    (broken / "exp-config.yaml").write_text("model: no/such-model\nhardware: H100\n")
+    refused = run("upload", str(broken), "--to", str(prefix), expect=1)
+    assert "broken" in refused.stderr and not (prefix / "broken").exists()
+
+
+def test_upload_writes_the_experiment_config_last(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The sensor recognises an experiment by its exp-config.yaml: it must arrive last."""
+    from blis_model.ingest import uploads
+
+    order: list[str] = []
+    real = uploads.filesystem
+
+    def recording(url, options=None):  # noqa: ANN001, ANN202
+        fs, path = real(url, options)
+        put = fs.put_file
+
+        def put_file(src, dst, **kw):  # noqa: ANN001, ANN202, ANN003
+            order.append(Path(dst).name)
+            return put(src, dst, **kw)
+
+        monkeypatch.setattr(fs, "put_file", put_file)
+        return fs, path
+
+    monkeypatch.setattr(uploads, "filesystem", recording)
+    uploads.upload_experiment(str(SAMPLE / SAMPLE_EXPERIMENTS[0]), str(tmp_path / "t"))
+    assert order[-1] == "exp-config.yaml" and len(order) >= 2
+
+
+def test_blis_s3_credentials_leave_the_shells_aws_credentials_alone(monkeypatch) -> None:  # noqa: ANN001
+    from blis_model.storage import storage_options_for
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUSERSOWNKEY00000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "user-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "user-token")
+    monkeypatch.delenv("BLIS_S3_ENDPOINT_URL", raising=False)
+    opts = storage_options_for("s3://b/x")
+    assert (opts["key"], opts["token"]) == ("AKIAUSERSOWNKEY00000", "user-token")
+    monkeypatch.setenv("BLIS_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("BLIS_S3_ACCESS_KEY_ID", "AKIALOCALSTACK000000")
+    monkeypatch.setenv("BLIS_S3_SECRET_ACCESS_KEY", "stack-secret")
+    monkeypatch.setenv("BLIS_S3_REGION", "us-east-1")
+    opts = storage_options_for("s3://b/x")
+    assert (opts["key"], opts["secret"]) == ("AKIALOCALSTACK000000", "stack-secret")
+    assert "token" not in opts and opts["client_kwargs"] == {
+        "endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"}
+
+
 @pytest.mark.services
 def test_s3_end_to_end_without_leaking_credentials(s3_server, tmp_path: Path) -> None:  # noqa: ANN001
     bucket = s3_server.make_bucket()

@@ -89,11 +89,12 @@ def ray_env(prefect_api: str, env: dict[str, str]) -> Any:
                                                     "PREFECT_API_URL": prefect_api}})
 
 
-def run_created(flow: Any, flow_run: Any) -> Any:
+def run_created(flow: Any, flow_run: Any, return_type: str = "result") -> Any:
     """Execute a flow run created on the server (by a trigger or the UI form)."""
     from prefect.flow_engine import run_flow
 
-    return run_flow(flow, flow_run=flow_run, parameters=flow_run.parameters)
+    return run_flow(flow, flow_run=flow_run, parameters=flow_run.parameters,
+                    return_type=return_type)
 
 
 def test_deployments_registered_with_schedule_and_trigger(ops: Ops) -> None:
@@ -110,8 +111,11 @@ def test_deployments_registered_with_schedule_and_trigger(ops: Ops) -> None:
         assert sensor.schedules[0].schedule.interval.total_seconds() == 60
         promote = client.read_deployment_by_name("promote/promote")
         form = promote.parameter_openapi_schema["properties"]
-        assert {"version", "channel", "reason"} <= set(form)
-        assert promote.parameter_openapi_schema["required"] == ["version"]
+        assert {"version", "reviewer", "channel", "reason", "skip_gate",
+                "skip_gate_reason"} <= set(form)
+        assert promote.parameter_openapi_schema["required"] == ["version", "reviewer"]
+        assert all(field.get("description") for field in form.values()), form
+        assert promote.parameters["golden"] == ops.settings.golden
         on_upload = client.read_deployment_by_name("recalibrate/on-upload")
         automations = client.read_automations()
         mine = [a for a in automations if any(getattr(x, "deployment_id", None) == on_upload.id
@@ -136,6 +140,9 @@ def test_upload_triggers_calibration_that_moves_candidate(ops: Ops, local_ray: N
     from flows.watch import watch_uploads
 
     s = ops.settings
+    # Before the first upload the prefix does not exist: 0 experiments, not an error.
+    state = watch_uploads(s.watch_prefix, s.store, settle_s=0, return_state=True)
+    assert state.is_completed() and state.message.startswith("0 experiments under")
     upload_sample(s3_server, ops.bucket, "traces", EXPERIMENTS[:3])
     assert watch_uploads(s.watch_prefix, s.store, settle_s=0) == EXPERIMENTS[:3]
     assert watch_uploads(s.watch_prefix, s.store, settle_s=0) == []  # remembered
@@ -170,7 +177,10 @@ def test_upload_triggers_calibration_that_moves_candidate(ops: Ops, local_ray: N
     candidate = channels.read_channel(s.store, "candidate").pointer
     assert candidate is not None and candidate.version == version
     assert candidate.by.startswith(f"prefect flow run {first.name}")
-    assert candidate.reason == first.parameters["reason"]
+    # Uploads arriving together are one recalibration, and its reason names them all.
+    assert candidate.reason == f"upload of {', '.join(EXPERIMENTS)}"
+    assert candidate.run["flow_run_id"] == str(first.id)
+    assert candidate.run["deployment_id"] == str(on_upload)
     [release] = list_releases(s.store)
     assert release["experiments"] == 4 and release["steps"] == 791
 
@@ -184,7 +194,12 @@ def test_upload_triggers_calibration_that_moves_candidate(ops: Ops, local_ray: N
         for a in client.read_artifacts(artifact_filter=ArtifactFilter(
                 key=ArtifactFilterKey(like_="blis-")), sort=ArtifactSort.CREATED_DESC):
             artifacts.setdefault(a.key, a)
-    assert {"blis-model-card", "blis-metrics", "blis-plots"} <= set(artifacts)
+    assert {"blis-model-card", "blis-metrics", "blis-plots", "blis-candidate"} <= set(artifacts)
+    # The recalibration run itself links to the subflow's artifacts, for the reviewer.
+    note = str(artifacts["blis-candidate"].data)
+    assert artifacts["blis-candidate"].flow_run_id == first.id and version in note
+    for key in ("blis-model-card", "blis-metrics", "blis-plots"):
+        assert f"(/artifacts/artifact/{artifacts[key].id})" in note
     plots = str(artifacts["blis-plots"].data)
     assert plots.count("](data:image/png;base64,") == 3 and "learning curve" in plots
     assert "](data:image/png;base64," in str(artifacts["blis-model-card"].data)
@@ -235,38 +250,82 @@ def test_promote_from_the_ui_form_gates_and_rollback_restores(
     upload_sample(s3_server, ops.bucket, "golden", EXPERIMENTS)
     deployment = ops.deployment_ids["promote/promote"]
 
-    def from_form(version: str) -> Any:
+    def from_form(version: str, **fields: Any) -> Any:
         """What the UI's Run form does: a flow run of the deployment with parameters."""
         with get_client(sync_client=True) as client:
             return client.create_flow_run_from_deployment(
                 deployment, parameters={"version": version, "store": store,
-                                        "reason": f"promote {version}"})
+                                        "reason": f"promote {version}", **fields})
 
-    pointer = run_created(promote, from_form(good))
+    def final_state(flow_run: Any) -> Any:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run.id).state
+
+    first = from_form(good, reviewer="alice")
+    pointer = run_created(promote, first)
     assert (pointer["version"], pointer["channel"], pointer["previous"]) == (good, "stable", None)
     assert pointer["gate"]["passed"] and pointer["gate"]["corpus"] == s.golden
+    assert pointer["by"] == "alice" and pointer["run"]["flow_run_id"] == str(first.id)
+    assert pointer["run"]["deployment_id"] == str(deployment)
+    assert pointer["run"]["deployment_name"] == "promote/promote"
 
-    refused = from_form(bad)
-    with pytest.raises(channels.GateRefused, match="refused by the golden gate"):
-        run_created(promote, refused)
+    # A refusal is an expected outcome: a Completed run named Refused, with the reason.
+    refused = from_form(bad, reviewer="bob")
+    run_created(promote, refused)
+    state = final_state(refused)
+    assert state.is_completed() and state.name == "Refused"
+    assert "refused by the golden gate" in state.message and "worse than" in state.message
     with get_client(sync_client=True) as client:
-        assert client.read_flow_run(refused.id).state.is_failed()
         gate = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["blis-promotion-gate"])))
     assert any("REFUSED" in str(a.data) for a in gate)
     assert channels.read_channel(store, "stable").pointer.version == good
 
-    # Forced past the gate (no golden corpus), then rolled back with the CLI.
-    moved = channels.promote(store, bad, "stable", by="test", reason="force")
-    assert moved.previous == good
+    # No golden corpus: stable does not move without an explicit, recorded override.
+    ungated = from_form(bad, reviewer="carol", golden="")
+    run_created(promote, ungated, "state")
+    state = final_state(ungated)
+    assert state.is_failed() and "needs the golden gate" in state.message
+    no_reason = from_form(bad, reviewer="carol", golden="", skip_gate=True)
+    run_created(promote, no_reason, "state")
+    assert "skip_gate needs skip_gate_reason" in final_state(no_reason).message
+    forced = from_form(bad, reviewer="carol", golden="", skip_gate=True,
+                       skip_gate_reason="golden corpus being rebuilt")
+    moved = run_created(promote, forced)
+    assert moved["previous"] == good and moved["gate"] is None
+    assert moved["gate_skipped"] == "golden corpus being rebuilt" and moved["by"] == "carol"
+
     result = CliRunner().invoke(app, ["releases", "rollback", store, "--channel", "stable",
-                                      "--reason", "bad numbers"])
+                                      "--reason", "bad numbers", "--by", "dave"])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == f"stable → {good}"
     history = channels.history(store, "stable")
-    assert [(e.action, e.version) for e in history] == [
-        ("promote", good), ("promote", bad), ("rollback", good)]
-    assert history[0].by.startswith("prefect flow run") and history[2].reason == "bad numbers"
+    assert [(e.action, e.version, e.by) for e in history] == [
+        ("promote", good, "alice"), ("refused", bad, "bob"), ("promote", bad, "carol"),
+        ("rollback", good, "dave")]
+    assert history[1].run["flow_run_id"] == str(refused.id)
+    assert "worse than" in history[1].gate["reasons"][0]
+    assert history[3].reason == "bad numbers"
+    shown = CliRunner().invoke(app, ["releases", "history", store],
+                               env={"COLUMNS": "600"}).stdout
+    flat = " ".join(shown.split())
+    assert "gate skipped: golden corpus being rebuilt by carol" in flat
+    assert f"alice via flow run {first.name}" in flat and "refused:" in flat
+
+
+def test_sensor_fails_clearly_on_a_missing_bucket_or_bad_credentials(
+        ops: Ops, prefect_api: str, s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.watch import watch_uploads
+
+    missing = watch_uploads("s3://no-such-bucket-blis/traces", ops.settings.store, settle_s=0,
+                            return_state=True)
+    assert missing.is_failed()
+    message = missing.message or str(missing.result(raise_on_failure=False))
+    assert "no-such-bucket-blis" in message and "Traceback" not in message
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "Zz" + s3_server.secret_key[2:])
+    denied = watch_uploads(ops.settings.watch_prefix, ops.settings.store, settle_s=0,
+                           return_state=True)
+    assert denied.is_failed() and s3_server.secret_key[2:] not in (denied.message or "")
 
 
 def test_settings_come_from_the_environment() -> None:
@@ -337,12 +396,19 @@ def test_metrics_table_has_experiments_mean_and_families() -> None:
 
     manifest = {"family": "picf", "experiments": [{"name": "a", "steps": 3}],
                 "corpus": {"steps": 3},
-                "metrics": {"in_sample": {"a": {"mape": 1.0}}, "summary": {"in_sample_mape": 1.0},
+                "metrics": {"in_sample": {"a": {"mape": 1.23456}},
+                            "summary": {"in_sample_mape": 6.518333333333},
                             "family_selection": {"winner": "picf", "scores": [
                                 {"family": "picf", "loo_mape": 2.0, "temporal_mape": 1.5},
-                                {"family": "overlap", "loo_mape": 3.0, "temporal_mape": 1.2}]}}}
+                                {"family": "overlap", "loo_mape": 3.0049999,
+                                 "temporal_mape": float("nan")}]}}}
     rows = metrics_rows(manifest)
-    assert [(r["scope"], r["name"]) for r in rows] == [
-        ("experiment", "a"), ("mean", "mean over experiments"), ("family", "picf (chosen)"),
-        ("family", "overlap")]
-    assert rows[0]["in_sample_mape"] == 1.0 and rows[3]["loo_mape"] == 3.0
+    assert [r["name"] for r in rows] == ["a", "mean over experiments (picf)",
+                                         "family picf (chosen)", "family overlap"]
+    assert rows[0]["in-sample %"] == 1.23 and rows[1]["in-sample %"] == 6.52
+    assert rows[3]["LOO %"] == 3.0 and rows[3]["temporal %"] is None
+    assert list(rows[0]) == ["name", "steps", "in-sample %", "temporal %", "LOO %",
+                             "BLIS proj. %"]
+    for row in rows:  # every number short: two decimals at most
+        for value in row.values():
+            assert not isinstance(value, float) or len(repr(value).split(".")[1]) <= 2

@@ -20,7 +20,14 @@ from typing import Any
 
 from blis_model.configuration.experiment import EXP_CONFIG
 from blis_model.errors import CorpusError
-from blis_model.storage import filesystem, is_remote, redact, storage_errors, write_bytes_atomic
+from blis_model.storage import (
+    check_reachable,
+    filesystem,
+    is_remote,
+    redact,
+    storage_errors,
+    write_bytes_atomic,
+)
 from blis_model.storage.layout import calibrated_state_url, seen_state_url, store_root
 
 
@@ -65,6 +72,7 @@ def scan(prefix: str, options: dict[str, Any] | None = None) -> dict[str, Seen]:
     with storage_errors(prefix, options):
         fs.invalidate_cache(root)
         if not fs.exists(root):
+            check_reachable(prefix, options)  # a missing bucket or bad credentials raise
             return {}
         found = fs.find(root, detail=True)
     objects = {p: info for p, info in found.items() if info.get("type", "file") == "file"}
@@ -162,20 +170,74 @@ def corpus_identity(scanned: dict[str, Seen]) -> str:
 
 
 def last_calibrated(store_url: str, prefix: str, options: dict[str, Any] | None = None
-                    ) -> dict[str, str]:
-    """``{"identity", "version"}`` of the last release calibrated on ``prefix`` ({} if none)."""
+                    ) -> dict[str, Any]:
+    """``{"identity", "version", "experiments"}`` of the last release calibrated on
+    ``prefix`` ({} if none; ``experiments``, name → identity, when it was recorded)."""
     state = _read_state(calibrated_state_url(store_url), options)
     return dict((state.get("prefixes") or {}).get(_prefix_key(prefix)) or {})
 
 
 def mark_calibrated(store_url: str, prefix: str, identity: str, version: str,
-                    options: dict[str, Any] | None = None) -> None:
-    """Remember that release ``version`` was calibrated on ``prefix`` as it was then."""
+                    options: dict[str, Any] | None = None, *,
+                    experiments: dict[str, Seen] | None = None) -> None:
+    """Remember that release ``version`` was calibrated on ``prefix`` as it was then
+    (and, with ``experiments``, each experiment's identity)."""
     url = calibrated_state_url(store_url)
     prefixes = dict(_read_state(url, options).get("prefixes") or {})
-    prefixes[_prefix_key(prefix)] = {"identity": identity, "version": version}
+    entry: dict[str, Any] = {"identity": identity, "version": version}
+    if experiments is not None:
+        entry["experiments"] = {n: s.identity for n, s in sorted(experiments.items())}
+    prefixes[_prefix_key(prefix)] = entry
     _write_prefixes(url, prefixes, options)
 
 
-__all__ = ["Seen", "corpus_identity", "last_calibrated", "load_seen",
-           "mark_calibrated", "new_experiments", "save_seen", "scan", "state_url"]
+def changed_since(scanned: dict[str, Seen], last: dict[str, Any]) -> list[str]:
+    """Names of the experiments of ``scanned`` that are new or changed since ``last``
+    (:func:`last_calibrated`); every experiment when ``last`` has no per-experiment record."""
+    before = last.get("experiments") or {}
+    return [name for name, s in sorted(scanned.items()) if before.get(name) != s.identity]
+
+
+
+
+def upload_experiment(folder: str, prefix: str, options: dict[str, Any] | None = None,
+                      name: str | None = None, default_hardware: str | None = None) -> str:
+    """Upload the local experiment ``folder`` to ``<prefix>/<name>/`` (``name``: the
+    folder's name) through the storage layer and return its URL.
+
+    The folder is checked first (its ``exp-config.yaml`` parses, its model and GPU are
+    known, it holds traces or measurements: ConfigError/CorpusError otherwise), and
+    ``exp-config.yaml`` is uploaded LAST: :func:`scan` recognises an experiment by that
+    object, so a watcher never sees a half-uploaded folder as an experiment."""
+    import os
+
+    from blis_model.configuration.experiment import load_experiment
+    from blis_model.storage import join
+
+    root = os.path.abspath(folder)
+    if not os.path.isfile(os.path.join(root, EXP_CONFIG)):
+        raise CorpusError(f"{folder}: not an experiment folder (no {EXP_CONFIG})")
+    name = name or os.path.basename(root)
+    experiment = load_experiment(os.path.dirname(root), os.path.basename(root),
+                                 default_hardware=default_hardware)
+    if not experiment.kinds:
+        raise CorpusError(f"{folder}: no traces (traces.json[.gz]) and no request "
+                          "measurements to upload")
+    files = sorted(os.path.relpath(os.path.join(d, f), root)
+                   for d, _, names in os.walk(root) for f in names)
+    files = [f for f in files if f != EXP_CONFIG] + [EXP_CONFIG]
+    dest = join(prefix, name)
+    fs, base = filesystem(dest, options)
+    with storage_errors(dest, options):
+        for rel in files:
+            target = f"{base.rstrip('/')}/{rel.replace(os.sep, '/')}"
+            if not is_remote(dest):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.put_file(os.path.join(root, rel), target)
+        fs.invalidate_cache(base)
+    return dest
+
+
+__all__ = ["Seen", "changed_since", "corpus_identity", "last_calibrated", "load_seen",
+           "mark_calibrated", "new_experiments", "save_seen", "scan", "state_url",
+           "upload_experiment"]

@@ -2,7 +2,12 @@
 
 A channel is one small JSON object ``<store>/channels/<name>.json``::
 
-    {"channel", "version", "previous", "seq", "action", "updated_at", "by", "reason", "gate"}
+    {"channel", "version", "previous", "seq", "action", "updated_at", "by", "reason", "gate",
+     "gate_skipped", "run"}
+
+``by`` is who decided (a reviewer's name, ``user@host``, or the flow run that moved
+``candidate``); ``run`` links the move to the Prefect flow run and deployment that made it
+(``flow_run_id``, ``flow_run_name``, ``deployment_id``, ``deployment_name``), when one did.
 
 Every update is a compare-and-swap against the pointer the caller read first
 (:func:`read_channel`): if another writer moved the channel in between, the update fails
@@ -14,7 +19,12 @@ so the store itself arbitrates; locally the swap happens under an exclusive ``fl
 History: each update is also written, after the swap, as its own object
 ``<store>/channels/<name>.history/<seq:08d>.json`` (created exclusively, so ``seq``
 orders the events); :func:`history` lists them oldest first — who moved the channel,
-when, why, from which version to which, and the gate's verdict.
+when, why, from which version to which, and the gate's verdict. A promotion the gate
+refused is recorded there too (``action`` ``refused``, the channel's ``seq`` unchanged,
+``<seq:08d>.refused-<time>-<hex>.json``): who tried, what, and why it was refused.
+
+Gated channels (``stable``): :func:`promote` moves them only through a gate, or with an
+explicit, recorded ``skip_gate`` reason (:class:`GateRequired` otherwise).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -50,7 +61,10 @@ from blis_model.storage import (
 )
 
 CHANNELS: tuple[str, ...] = ("candidate", "stable")
+#: Channels that move only through the golden gate, or with a recorded reason to skip it.
+GATED_CHANNELS: frozenset[str] = frozenset({"stable"})
 LOCK_TIMEOUT_S = 30.0
+REFUSED = "refused"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _SAFE_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -68,6 +82,11 @@ class GateRefused(ReleaseError):
         self.result = result
 
 
+class GateRequired(ReleaseError):
+    """A gated channel (``stable``) was to be moved without a gate and without an explicit
+    reason to skip it."""
+
+
 #: A promotion gate: (candidate, baseline or None) → a verdict with ``passed``,
 #: ``reasons`` and ``to_dict()`` (recorded in the channel's history). The golden gate
 #: is ``calibration.gate.load_gate``; channels only call it.
@@ -82,11 +101,13 @@ class Pointer:
     version: str
     previous: str | None
     seq: int
-    action: str  # "promote" | "rollback"
+    action: str  # "promote" | "rollback" | "refused" (history only: the channel did not move)
     updated_at: str  # ISO 8601 UTC
     by: str
     reason: str
     gate: dict[str, Any] | None = None
+    gate_skipped: str | None = None  # why the gate was skipped (gated channels only)
+    run: dict[str, Any] | None = None  # the Prefect flow run / deployment that acted
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,7 +119,9 @@ class Pointer:
                        previous=data.get("previous"), seq=int(data.get("seq", 0)),
                        action=str(data.get("action", "promote")),
                        updated_at=str(data.get("updated_at", "")), by=str(data.get("by", "")),
-                       reason=str(data.get("reason", "")), gate=data.get("gate"))
+                       reason=str(data.get("reason", "")), gate=data.get("gate"),
+                       gate_skipped=data.get("gate_skipped") or None,
+                       run=data.get("run") or None)
         except (KeyError, TypeError, ValueError) as exc:
             raise ReleaseError(f"channel pointer is malformed ({exc})") from None
 
@@ -236,10 +259,12 @@ def list_channels(store_url: str, options: dict[str, Any] | None = None) -> dict
 def history(store_url: str, name: str, options: dict[str, Any] | None = None
             ) -> list[Pointer]:
     """Every recorded update of the channel, oldest first (the current pointer included,
-    even if its history event could not be written)."""
+    even if its history event could not be written), with the promotions the gate refused
+    (``action`` ``refused``) in their place between the moves."""
     url = _history_url(store_url, name)
     fs, path = filesystem(url, options)
     events: dict[int, Pointer] = {}
+    refused: list[Pointer] = []
     with storage_errors(url, options):
         fs.invalidate_cache(path)
         try:
@@ -251,11 +276,17 @@ def history(store_url: str, name: str, options: dict[str, Any] | None = None
                 pointer = _decode(item, fs.cat_file(item), name)
             except (ReleaseError, FileNotFoundError):
                 continue
-            events[pointer.seq] = pointer
+            if pointer.action == REFUSED:
+                refused.append(pointer)
+            else:
+                events[pointer.seq] = pointer
     current = read_channel(store_url, name, options).pointer
     if current is not None:
         events.setdefault(current.seq, current)
-    return [events[k] for k in sorted(events)]
+    # A refusal carries the seq of the move it followed: after that move, before the next.
+    ordered = [(e.seq, 0, e.updated_at, e) for e in events.values()]
+    ordered += [(e.seq, 1, e.updated_at, e) for e in refused]
+    return [e for *_, e in sorted(ordered, key=lambda t: t[:3])]
 
 
 # ---------------------------------------------------------------------------- writes
@@ -327,11 +358,9 @@ def _swap_s3(fs: Any, url: str, path: str, name: str, expected: Snapshot, body: 
             fs.invalidate_cache(path)
 
 
-def _record(store_url: str, pointer: Pointer, options: dict[str, Any] | None) -> None:
-    """Write the update's history event (exclusive create: one event per ``seq``)."""
-    url = join(_history_url(store_url, pointer.channel), f"{pointer.seq:08d}.json")
+def _create(url: str, body: bytes, options: dict[str, Any] | None) -> None:
+    """Create one history object (exclusively: an existing one is left alone)."""
     fs, path = filesystem(url, options)
-    body = _encode(pointer)
     with storage_errors(url, options):
         if is_remote(url):
             bucket, _, key = path.partition("/")
@@ -344,9 +373,35 @@ def _record(store_url: str, pointer: Pointer, options: dict[str, Any] | None) ->
             fh.write(body)
 
 
+def _record(store_url: str, pointer: Pointer, options: dict[str, Any] | None) -> None:
+    """Write the update's history event (exclusive create: one event per ``seq``)."""
+    url = join(_history_url(store_url, pointer.channel), f"{pointer.seq:08d}.json")
+    _create(url, _encode(pointer), options)
+
+
+def record_refusal(store_url: str, name: str, version: str, current: Pointer | None, *,
+                   by: str | None = None, reason: str = "",
+                   gate: Mapping[str, Any] | None = None, run: Mapping[str, Any] | None = None,
+                   options: dict[str, Any] | None = None) -> Pointer:
+    """Record in the channel's history that moving ``name`` to ``version`` was refused
+    (the channel itself is unchanged); ``gate`` is the verdict. Returns the event."""
+    event = Pointer(channel=check_channel(name), version=version,
+                    previous=current.version if current else None,
+                    seq=current.seq if current else 0, action=REFUSED, updated_at=_now(),
+                    by=by or default_actor(), reason=reason,
+                    gate=dict(gate) if gate is not None else None,
+                    run=dict(run) if run else None)
+    stamp = re.sub(r"[^0-9]", "", event.updated_at)
+    url = join(_history_url(store_url, name),
+               f"{event.seq:08d}.{REFUSED}-{stamp}-{secrets.token_hex(4)}.json")
+    _create(url, _encode(event), options)
+    return event
+
+
 def write_channel(store_url: str, name: str, version: str, expected: Snapshot, *,
                   by: str | None = None, reason: str = "", action: str = "promote",
                   previous: str | None | bool = True, gate: Mapping[str, Any] | None = None,
+                  gate_skipped: str | None = None, run: Mapping[str, Any] | None = None,
                   options: dict[str, Any] | None = None) -> Pointer:
     """Point channel ``name`` at ``version`` if it is still as ``expected`` (a snapshot
     from :func:`read_channel`), else raise :class:`ChannelConflict`. ``previous`` defaults
@@ -361,7 +416,8 @@ def write_channel(store_url: str, name: str, version: str, expected: Snapshot, *
     pointer = Pointer(channel=name, version=version, previous=previous or None,
                       seq=(old.seq + 1) if old else 1, action=action, updated_at=_now(),
                       by=by or default_actor(), reason=reason,
-                      gate=dict(gate) if gate is not None else None)
+                      gate=dict(gate) if gate is not None else None,
+                      gate_skipped=gate_skipped or None, run=dict(run) if run else None)
     url = channel_url(store_url, name)
     fs, path = filesystem(url, options)
     body = _encode(pointer)
@@ -378,18 +434,31 @@ def write_channel(store_url: str, name: str, version: str, expected: Snapshot, *
 
 
 def promote(store_url: str, version: str, channel: str = "stable", *, by: str | None = None,
-            reason: str = "", gate: Gate | None = None,
+            reason: str = "", gate: Gate | None = None, skip_gate: str | None = None,
+            run: Mapping[str, Any] | None = None,
             options: dict[str, Any] | None = None) -> Pointer:
     """Move ``channel`` to release ``version`` of the store.
 
     With a ``gate`` (``calibration.gate.load_gate``), the gate runs first — the
     candidate against the channel's current release — and :class:`GateRefused` is
-    raised when it fails. The pointer is then swapped only if nobody moved the channel
-    since it was read (:class:`ChannelConflict` otherwise). Returns the new pointer.
+    raised when it fails (the refusal is recorded in the channel's history). A gated
+    channel (:data:`GATED_CHANNELS`: ``stable``) moves without a gate only with
+    ``skip_gate``, the reason to skip it (recorded in the pointer); else
+    :class:`GateRequired`. ``skip_gate`` also skips a given gate. The pointer is then
+    swapped only if nobody moved the channel since it was read (:class:`ChannelConflict`
+    otherwise). ``run`` (the flow run and deployment acting) is recorded with ``by``.
+    Returns the new pointer.
     """
     check_channel(channel)
     if not is_version(version):
         raise ReleaseError(f"invalid release version '{version}'")
+    skip_gate = (skip_gate or "").strip() or None
+    if skip_gate:
+        gate = None
+    elif gate is None and channel in GATED_CHANNELS:
+        raise GateRequired(f"promotion to {channel} needs the golden gate: configure a golden "
+                           "corpus, or skip the gate explicitly with a reason (recorded in "
+                           "the history)")
     snap = read_channel(store_url, channel, options)
     if snap.pointer is not None and snap.pointer.version == version:
         raise ReleaseError(f"channel {channel} already points to {version}")
@@ -401,17 +470,21 @@ def promote(store_url: str, version: str, channel: str = "stable", *, by: str | 
                     if snap.pointer is not None else None)
         result = gate(candidate, baseline)
         if not result.passed:
+            with contextlib.suppress(OSError, StorageError):  # the refusal stands regardless
+                record_refusal(store_url, channel, version, snap.pointer, by=by, reason=reason,
+                               gate=result.to_dict(), run=run, options=options)
             raise GateRefused(f"promotion of {version} to {channel} refused by the golden "
                               f"gate: {'; '.join(result.reasons)}", result)
         verdict = result.to_dict()
     else:
         read_manifest(url, options)  # the release must exist
     return write_channel(store_url, channel, version, snap, by=by, reason=reason,
-                         gate=verdict, options=options)
+                         gate=verdict, gate_skipped=skip_gate, run=run, options=options)
 
 
 def rollback(store_url: str, channel: str = "stable", *, by: str | None = None,
-             reason: str = "", options: dict[str, Any] | None = None) -> Pointer:
+             reason: str = "", run: Mapping[str, Any] | None = None,
+             options: dict[str, Any] | None = None) -> Pointer:
     """Point ``channel`` back at its previous version (the one before the current)."""
     snap = read_channel(store_url, channel, options)
     current = snap.pointer
@@ -427,9 +500,10 @@ def rollback(store_url: str, channel: str = "stable", *, by: str | None = None,
     previous = before[-1].previous if before else None
     return write_channel(store_url, channel, target, snap, by=by,
                          reason=reason or f"rollback from {current.version}", action="rollback",
-                         previous=previous, options=options)
+                         previous=previous, run=run, options=options)
 
 
-__all__ = ["CHANNELS", "ChannelConflict", "Gate", "GateRefused", "Pointer", "Snapshot",
-           "channel_url", "check_channel", "default_actor", "history", "list_channels",
-           "promote", "read_channel", "rollback", "write_channel"]
+__all__ = ["CHANNELS", "GATED_CHANNELS", "REFUSED", "ChannelConflict", "Gate", "GateRefused",
+           "GateRequired", "Pointer", "Snapshot", "channel_url", "check_channel",
+           "default_actor", "history", "list_channels", "promote", "read_channel",
+           "record_refusal", "rollback", "write_channel"]

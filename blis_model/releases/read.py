@@ -6,17 +6,18 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from blis_model.configuration.defaults import BLIS_SHIPPED_ALPHAS
 from blis_model.errors import ReleaseError
-from blis_model.models.base import StepTimeModel
-from blis_model.models.registry import model_from_dict
 from blis_model.releases.files import COEFFICIENTS, MANIFEST
 from blis_model.storage import filesystem, join, redact, storage_errors
+
+if TYPE_CHECKING:  # the model families (numpy, pandas, scikit-learn) load on first use:
+    import numpy as np  # listing releases and moving channels never need them
+    import pandas as pd
+
+    from blis_model.models.base import StepTimeModel
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ def read_manifest(url: str, options: dict | None = None) -> dict[str, Any]:
 
 def load_release(url: str, options: dict | None = None) -> Release:
     """Read the release at ``url`` and rebuild its model (checksums verified)."""
+    from blis_model.models.registry import model_from_dict
+
     url = url.rstrip("/") or url
     manifest = read_manifest(url, options)
     raw = read_file(url, COEFFICIENTS, options)
@@ -113,6 +116,8 @@ def load_release(url: str, options: dict | None = None) -> Release:
 def predict_frame(release: Release, frame: pd.DataFrame) -> np.ndarray:
     """Predicted step times (µs) for every row of a feature frame. A configuration the
     release was calibrated on uses its own coefficient set, any other the global one."""
+    import numpy as np
+
     if not len(frame):
         return np.zeros(0)
     return np.asarray(release.model.predict(frame), dtype=np.float64)

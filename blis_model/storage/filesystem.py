@@ -56,7 +56,8 @@ _DENIED_CODES = {
     "403",
     "Forbidden",
 }
-_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                   "BLIS_S3_ACCESS_KEY_ID", "BLIS_S3_SECRET_ACCESS_KEY")
 # Secrets seen by storage_options_for(); redact() removes them wherever they appear.
 _KNOWN_SECRETS: set[str] = set()
 
@@ -137,6 +138,9 @@ def storage_options_for(url: str, options: dict[str, Any] | None = None) -> dict
     For ``s3://`` URLs: a copy of ``options`` when given, else options built from the
     environment (``BLIS_S3_ENDPOINT_URL``/``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
     ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``/``AWS_DEFAULT_REGION``).
+    ``BLIS_S3_ACCESS_KEY_ID`` + ``BLIS_S3_SECRET_ACCESS_KEY`` (and ``BLIS_S3_REGION``), when
+    set, take precedence over the ``AWS_*`` ones: credentials for blis-model only, which
+    leave the shell's own AWS credentials alone (the local stack's ``.run/env``).
     In both cases ``config_kwargs`` gets the default retries and timeouts for any setting
     not given explicitly (``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` override the default
     retries). Local paths and ``file://`` URLs get ``{}``.
@@ -148,7 +152,7 @@ def storage_options_for(url: str, options: dict[str, Any] | None = None) -> dict
     else:
         opts = {}
         endpoint = _env("BLIS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
-        region = _env("AWS_REGION", "AWS_DEFAULT_REGION")
+        region = _env("BLIS_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION")
         client_kwargs: dict[str, Any] = {}
         if endpoint:
             client_kwargs["endpoint_url"] = endpoint
@@ -156,7 +160,12 @@ def storage_options_for(url: str, options: dict[str, Any] | None = None) -> dict
             client_kwargs["region_name"] = region
         if client_kwargs:
             opts["client_kwargs"] = client_kwargs
-        key, secret = _env("AWS_ACCESS_KEY_ID"), _env("AWS_SECRET_ACCESS_KEY")
+        key, secret = _env("BLIS_S3_ACCESS_KEY_ID"), _env("BLIS_S3_SECRET_ACCESS_KEY")
+        if key and secret:
+            opts["key"], opts["secret"] = key, secret
+            key = secret = None  # blis-model's own credentials: no AWS session token
+        else:
+            key, secret = _env("AWS_ACCESS_KEY_ID"), _env("AWS_SECRET_ACCESS_KEY")
         if key and secret:
             opts["key"], opts["secret"] = key, secret
             token = _env("AWS_SESSION_TOKEN")
