@@ -509,13 +509,16 @@ def replay(release: Annotated[str, typer.Argument(help="Release URL (folder with
 
 def _replay(release_url: str, workload: str, out: str, blis: str | None,
             default_hardware: str | None, report_url: str | None) -> str:
+    import pandas as pd
+
+    from blis_model.calibration.featurize import experiment_names
     from blis_model.requests.measured import load_measured
     from blis_model.requests.replay_release import ROW_COLUMNS, replay_rows, replay_workload
 
     rel = _load_release(release_url)
     options = storage_options_for(workload)
     with err.status("discovering experiments"):
-        names = featurization.experiment_names(workload, options)
+        names = experiment_names(workload, options)
         items = [load_measured(workload, n, options, default_hardware) for n in names]
     with err.status(f"replaying {len(items)} experiment(s) with release {rel.version}"):
         results = replay_workload(items, rel.model, rel.alphas, rel.contention)
