@@ -30,15 +30,15 @@ import numpy as np
 import pandas as pd
 
 from blis_model.calibration.featurize import featurize, load_experiments, training_frame
+from blis_model.configuration.defaults import BLIS_SHIPPED_BETAS
 from blis_model.features.blis_parity import BETA_NAMES, blis_step_time
-from blis_model.features.frame import BLIS_COLUMNS, temporal_split
+from blis_model.features.frame import BLIS_COLUMNS, loo_split, temporal_split
 from blis_model.metrics import per_experiment, summary
 from blis_model.models.picf import PICF
 from blis_model.models.solvers import RelativeGram, nonneg_ridge
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "h100-real-steps"
-ITER29_BETAS = np.array([0.152128, 0.0, 1.36252915, 0.752037, 32.09546717, 4.41684444,
-                         126.024825, 481.8613888, 0.0, 1.94710771, 0.752037])
+ITER29_BETAS = np.array(BLIS_SHIPPED_BETAS)
 
 FitPredict = Callable[[pd.DataFrame, pd.DataFrame], np.ndarray]
 
@@ -65,15 +65,13 @@ PREDICTORS: dict[str, FitPredict] = {
 def leave_one_out(frame: pd.DataFrame, fit_predict: FitPredict) -> dict[str, dict]:
     out = {}
     for name in sorted(frame["experiment"].unique()):
-        test = frame[frame["experiment"] == name]
-        train = frame[(frame["experiment"] != name)
-                      & (frame["config_key"] != test["config_key"].iloc[0])]
+        train, test = loo_split(frame, name)
         out[name] = summary(fit_predict(train, test), test["duration_us"].to_numpy())
     return out
 
 
 def temporal(frame: pd.DataFrame, fit_predict: FitPredict) -> dict[str, dict]:
-    train, test = temporal_split(frame, 0.7)
+    train, test = temporal_split(frame)
     return per_experiment(test, fit_predict(train, test))
 
 

@@ -35,7 +35,7 @@ from report import table  # benchmarks/report.py (scripts run from benchmarks/)
 
 from blis_model import metrics
 from blis_model.calibration import evaluation, featurize
-from blis_model.features.frame import temporal_split
+from blis_model.features.frame import loo_split, temporal_split
 from blis_model.metrics import summary
 from blis_model.models.bsr_ard import transfer_check
 from blis_model.models.conformal import SplitConformal
@@ -53,11 +53,9 @@ OLD_RULE = {"config_selection": "terms", "config_bound": float("inf")}
 def held_out_splits(frame: pd.DataFrame):
     """(name, donors, target) for every experiment: donors exclude its configuration."""
     for name in sorted(frame["experiment"].unique()):
-        target = frame[frame["experiment"] == name].sort_values("step_id")
-        donors = frame[(frame["experiment"] != name)
-                       & (frame["config_key"] != target["config_key"].iloc[0])]
+        donors, target = loo_split(frame, name)
         if not donors.empty:
-            yield name, donors, target
+            yield name, donors, target.sort_values("step_id")
 
 
 def _steps(n: int | str, target: pd.DataFrame) -> int:

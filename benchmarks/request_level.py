@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 from report import table  # benchmarks/report.py (scripts run from benchmarks/)
 
+from blis_model.configuration.defaults import TRAIN_FRACTION as DEFAULT_TRAIN_FRACTION
 from blis_model.configuration.experiment import load_experiment
 from blis_model.ingest.reader import read_step_table
 from blis_model.ingest.reconstruct import (
@@ -61,7 +62,7 @@ from blis_model.requests.accuracy import (
 from blis_model.requests.alphas import AlphaFit, compare_alpha_fits
 from blis_model.synth import LinearStepTime, SynthConfig, SynthTruth, write_corpus
 
-TRAIN_FRACTION = 0.7
+TRAIN_FRACTION = DEFAULT_TRAIN_FRACTION
 
 
 # ------------------------------------------------------------------------------ corpus

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from blis_model.configuration.defaults import TRAIN_FRACTION
 from blis_model.configuration.experiment import Experiment
 from blis_model.features.frame import feature_frame
 from blis_model.ingest.reader import read_tables
@@ -202,7 +203,7 @@ def predict_requests(data: RequestData, model: StepTimeModel, alphas: AlphaFit
 
 
 def temporal_request_holdout(items: list[RequestData], family: str = "picf",
-                             train_fraction: float = 0.7, **params: Any
+                             train_fraction: float = TRAIN_FRACTION, **params: Any
                              ) -> dict[str, dict[str, Any]]:
     """Fit ``family`` on the first ``train_fraction`` of every experiment's traced steps
     and the alphas (median fit) on the requests scheduled before that point; report,

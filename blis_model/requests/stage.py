@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from blis_model.configuration.defaults import MAX_REQUEST_FAILURE_RATE, TRAIN_FRACTION
 from blis_model.configuration.experiment import Experiment
 from blis_model.errors import ConfigError, CorpusError
 from blis_model.ingest.reconstruct import (
@@ -54,12 +55,12 @@ class RequestSettings:
     """
 
     requests: bool | None = None
-    max_request_failure_rate: float | None = 0.05
+    max_request_failure_rate: float | None = MAX_REQUEST_FAILURE_RATE
     exclude_overloaded: bool = False
     overload_wait_growth: float = 5.0
     overload_min_wait_ms: float = 50.0
     alpha_method: str = "median"
-    train_fraction: float = 0.7
+    train_fraction: float = TRAIN_FRACTION
 
     def __post_init__(self) -> None:
         rate = self.max_request_failure_rate
@@ -224,7 +225,8 @@ def in_sample_requests(data: Sequence[RequestData], model: StepTimeModel, alphas
 
 
 def request_evaluation(data: Sequence[RequestData], model: StepTimeModel, family: str,
-                       alphas: AlphaReport, train_fraction: float = 0.7) -> dict[str, Any]:
+                       alphas: AlphaReport, train_fraction: float = TRAIN_FRACTION
+                       ) -> dict[str, Any]:
     """The release's request-level accuracy (empty when there are no request data):
     in-sample with the release's model and pooled alphas, and the temporal holdout (model
     and alphas refit on the first ``train_fraction`` of every experiment)."""
