@@ -141,3 +141,20 @@ def test_layer_kernels_count_launches_by_layer_type_and_tp() -> None:
     assert feature("layer_kernels", MIXED, ctx(LLAMA2)) == 32 * 10
     assert feature("layer_kernels", MIXED, ctx(MIXTRAL)) == 32 * 14
     assert feature("layer_kernels", MIXED, ctx(LLAMA2, tp=2)) == 32 * 12
+
+
+def test_fp8_activation_quantization_reads_bf16_writes_one_byte_per_gemm_input() -> None:
+    fp8 = {**LLAMA2, "quantization_config": {"quant_method": "fp8"}}
+    tokens = 102  # 100 prefill + 2 decode tokens of MIXED
+    # per layer: QKV and gate_up read the hidden state, O the attention output (q_dim),
+    # down the SwiGLU output (intermediate), each 2 bytes read + 1 written
+    per_token = 32 * (4096 + 4096 + 4096 + 11008)
+    expected = tokens * per_token * 3 / 3.35e6
+    assert feature("activation_quant_us", MIXED, ctx(fp8)) == pytest.approx(expected)
+    halves = 32 * (4096 + 4096 / 2 + 4096 + 11008 / 2)  # TP 2 shards the O and down inputs
+    assert feature("activation_quant_us", MIXED, ctx(fp8, tp=2)) == pytest.approx(
+        tokens * halves * 3 / 3.35e6)
+    assert feature("activation_quant_us", MIXED, ctx(LLAMA2)) == 0.0  # bf16
+    awq = {**LLAMA2, "quantization_config": {"quant_method": "awq", "bits": 4}}
+    assert feature("activation_quant_us", MIXED, ctx(awq)) == 0.0  # weight-only
+    assert feature("layer_kernels", MIXED, ctx(fp8)) == 32 * (10 + 4)

@@ -94,6 +94,13 @@ class ModelArch:
         return 1.0 if self.weight_bytes_per_param == 1.0 else 2.0
 
     @property
+    def quantizes_activations(self) -> bool:
+        """W8A8 (FP8 / INT8 weights AND activations): every linear layer's input is
+        quantized to 1 byte by its own kernel before the GEMM (dynamic per-token scales);
+        4-bit weight-only schemes dequantize inside the GEMM instead."""
+        return self.weight_bytes_per_param == 1.0
+
+    @property
     def attention_params_per_layer(self) -> int:
         """Q, K, V, O projection parameters of one layer (real shapes)."""
         d = self.hidden_size

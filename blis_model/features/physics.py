@@ -179,6 +179,8 @@ MOE_LAYER_KERNELS = 14  # the 7 non-FFN kernels + router GEMM, top-k softmax, ex
 #                         alignment, grouped GEMM ×2, SiLU·mul, weighted sum of experts
 SHARED_EXPERT_KERNELS = 3  # gate_up, SiLU·mul, down of a shared expert
 TP_LAYER_KERNELS = 2  # all-reduce after attention and after the FFN when TP > 1
+QUANT_LAYER_KERNELS = 4  # W8A8: the inputs of QKV, O, gate_up and down quantized apart
+QUANT_BYTES_PER_ELEMENT = 3.0  # read bf16 (2) + write the 1-byte copy (1)
 
 
 @feature("layer_kernels", "kernel launch", "overhead")
@@ -189,8 +191,29 @@ def layer_kernels(steps: Columns, ctx: FeatureContext) -> np.ndarray:
     a = ctx.arch
     moe = MOE_LAYER_KERNELS + (SHARED_EXPERT_KERNELS if a.shared_expert_params else 0)
     per_step = (a.num_dense_layers * DENSE_LAYER_KERNELS + a.num_moe_layers * moe
-                + (a.num_layers * TP_LAYER_KERNELS if ctx.tp > 1 else 0))
+                + (a.num_layers * TP_LAYER_KERNELS if ctx.tp > 1 else 0)
+                + (a.num_layers * QUANT_LAYER_KERNELS if a.quantizes_activations else 0))
     return np.full(len(step_tokens(steps)), float(per_step))
+
+
+@feature("activation_quant_us", "µs", "correction")
+def activation_quant_us(steps: Columns, ctx: FeatureContext) -> np.ndarray:
+    """W8A8 (FP8) linear layers quantize their input activations in a kernel of their own
+    before each GEMM (dynamic per-token scales): every GEMM input read in bf16 and written
+    in 1 byte — the QKV and gate_up inputs (hidden width, replicated across TP), the O and
+    down inputs (sharded), each routed expert's copy of a token — over HBM bandwidth, µs.
+    0 for bf16 models and weight-only quantization, whose GEMMs dequantize inside."""
+    a = ctx.arch
+    if not a.quantizes_activations:
+        return np.zeros_like(step_tokens(steps))
+    d, tp = a.hidden_size, ctx.tp
+    experts = a.experts_per_token * (d + a.moe_intermediate_size / tp)
+    shared = (d + a.shared_expert_intermediate_size / tp) if a.shared_expert_params else 0.0
+    per_token = (a.num_layers * (d + a.q_dim / tp)
+                 + a.num_dense_layers * (d + a.intermediate_size / tp)
+                 + a.num_moe_layers * (experts + shared))
+    return (step_tokens(steps) * per_token * QUANT_BYTES_PER_ELEMENT
+            / ctx.hardware.hbm_bytes_per_us)
 
 
 @feature("moe_layer_overhead", "MoE layer", "overhead")
@@ -253,8 +276,8 @@ def prefill_attention_tail_us(steps: Columns, ctx: FeatureContext) -> np.ndarray
 PHYSICS_FEATURES: tuple[str, ...] = (
     "gemm_roofline_us", "gemm_ridge_us", "prefill_attention_us", "decode_attention_us",
     "mixed_decode_attention_us", "decode_attention_tail_us", "lm_head_us", "activation_io_us",
-    "tp_allreduce_us", "layer_kernels", "moe_layer_overhead", "request_overhead",
-    "step_overhead",
+    "tp_allreduce_us", "activation_quant_us", "layer_kernels", "moe_layer_overhead",
+    "request_overhead", "step_overhead",
 )
 """The default feature set of every family (order = coefficient order).
 ``gemm_compute_us`` / ``weight_read_us`` (the additive GEMM model), ``layer_overhead``

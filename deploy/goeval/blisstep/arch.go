@@ -34,6 +34,10 @@ func (a Arch) NumDenseLayers() int { return a.NumLayers - a.NumMoELayers }
 // QDim is the real query width H·head_dim.
 func (a Arch) QDim() int { return a.NumHeads * a.HeadDim }
 
+// QuantizesActivations: W8A8 (FP8 / INT8) checkpoints quantize every linear layer's input
+// in a kernel of its own (architecture.py: quantizes_activations).
+func (a Arch) QuantizesActivations() bool { return a.WeightBytesPerParam == 1 }
+
 // KVDim is the real K (or V) width kv_heads·head_dim.
 func (a Arch) KVDim() int { return a.NumKVHeads * a.HeadDim }
 

@@ -44,6 +44,7 @@ const (
 	fGemmRoofline
 	fGemmRidge
 	fLayerKernels
+	fActivationQuant
 	numFeatures
 )
 
@@ -57,7 +58,7 @@ var FeatureNames = [numFeatures]string{
 	"decode_attention_compute_us", "decode_ctx_max_us", "prefill_kv_write_us", "kv_usage",
 	"kv_pressure", "preemptions", "recomputed_requests", "queue_waiting", "prefill_requests",
 	"decode_requests", "sampled_sequences", "kv_blocks", "token_overhead", "prefill_step",
-	"gemm_roofline_us", "gemm_ridge_us", "layer_kernels",
+	"gemm_roofline_us", "gemm_ridge_us", "layer_kernels", "activation_quant_us",
 }
 
 // correction features are physical µs estimates (prior coefficient 1); the rest are
@@ -68,6 +69,7 @@ var isCorrection = [numFeatures]bool{
 	fLMHead: true, fActivationIO: true, fTPAllreduce: true, fTPComm: true, fCPUOffload: true,
 	fMoEDispatch: true, fPrefillAttentionFullPrompt: true, fDecodeAttentionCompute: true,
 	fDecodeCtxMax: true, fPrefillKVWrite: true, fGemmRoofline: true, fGemmRidge: true,
+	fActivationQuant: true,
 }
 
 var featureIDs = func() map[string]int {
@@ -125,6 +127,7 @@ type featureContext struct {
 	hidden                           float64
 	denseParams, routedParams        float64 // per GPU: dense weights, one expert × MoE layers
 	layerKernels                     float64
+	quantPerToken                    float64 // W8A8: GEMM-input elements quantized per token
 }
 
 // Kernel launches of a decoder layer (physics.py: DENSE_LAYER_KERNELS, ...).
@@ -133,6 +136,8 @@ const (
 	moeLayerKernels     = 14
 	sharedExpertKernels = 3
 	tpLayerKernels      = 2
+	quantLayerKernels   = 4   // W8A8: QKV, O, gate_up and down inputs quantized apart
+	quantBytesPerElem   = 3.0 // read bf16 (2) + write the 1-byte copy (1)
 )
 
 func newFeatureContext(a Arch, hw Hardware, tp int) featureContext {
@@ -180,6 +185,18 @@ func newFeatureContext(a Arch, hw Hardware, tp int) featureContext {
 	kernels := a.NumDenseLayers()*denseLayerKernels + a.NumMoELayers*moe
 	if tp > 1 {
 		kernels += a.NumLayers * tpLayerKernels
+	}
+	if a.QuantizesActivations() {
+		kernels += a.NumLayers * quantLayerKernels
+		d := c.hidden
+		experts := c.topK * (d + float64(a.MoEIntermediateSize)/tpf)
+		shared := 0.0
+		if a.SharedExpertParams() > 0 {
+			shared = d + float64(a.SharedExpertIntermediateSize)/tpf
+		}
+		c.quantPerToken = c.layers*(d+float64(a.QDim())/tpf) +
+			float64(a.NumDenseLayers())*(d+float64(a.IntermediateSize)/tpf) +
+			c.moeLayers*(experts+shared)
 	}
 	c.layerKernels = float64(kernels)
 	return c
@@ -271,6 +288,7 @@ func (c *featureContext) compute(g *Aggregates, f *Features) {
 		f[fGemmRidge] += math.Min(expertCompute, expertRead)
 	}
 	f[fLayerKernels] = c.layerKernels
+	f[fActivationQuant] = tokens * c.quantPerToken * quantBytesPerElem / c.hbm
 }
 
 // constants are the per-deployment numbers of dataset.experiment_constants (RECE's
