@@ -476,3 +476,41 @@ def test_real_experiment_round_trips(real_measurements, tmp_path):
     again = read_measurements(out)
     assert again.requests.equals(m.requests)
     assert again.validation.reasons == m.validation.reasons
+
+
+# -- client timeouts -----------------------------------------------------------------
+
+
+def _timed_out(rows: list[dict], indices: range, after_us: int) -> list[dict]:
+    for i in indices:
+        rows[i].update(has_error=True, ttft_us=None, output_tokens_recorded=0,
+                       e2e_us=after_us + 137 * i)  # the client gave up ~after_us
+    return rows
+
+
+def test_client_timeout_is_inferred_from_requests_that_gave_up_together(tmp_path):
+    from blis_model.requests.measured import client_timeout_us, load_measured
+
+    rows = _timed_out(_rows(), range(40, 60), 300_000_000)
+    folder = _write(tmp_path / "exp", rows)
+    m = read_measurements(str(folder))
+    assert client_timeout_us(m) == 300_000_000 + 137 * 40
+    item = load_measured(str(tmp_path), "exp")
+    arrival = np.asarray(m.requests.column("arrival_us"), dtype=float)
+    np.testing.assert_array_equal(item.workload.abort_us, arrival + client_timeout_us(m))
+    assert item.workload_with(5_000.0).abort_us is not None
+    assert np.isfinite(item.workload_with(5_000.0).abort_us).all()
+    assert any("client timeout 300 s" in n for n in item.notes)
+
+
+def test_errors_at_scattered_times_are_no_timeout_and_a_configured_one_wins(tmp_path):
+    from blis_model.requests.measured import client_timeout_us, load_measured
+
+    rows = _rows()
+    for i, e2e in ((10, 2_000_000), (20, 90_000_000)):  # errors, not one time limit
+        rows[i].update(has_error=True, ttft_us=None, output_tokens_recorded=0, e2e_us=e2e)
+    assert client_timeout_us(read_measurements(str(_write(tmp_path / "a", rows)))) is None
+    assert np.isnan(load_measured(str(tmp_path), "a").workload.abort_us).all()
+    configured = LoadProfile(**{**WORKLOAD.__dict__, "request_timeout_s": 60.0})
+    m = read_measurements(str(_write(tmp_path / "b", _rows(), workload=configured)))
+    assert client_timeout_us(m) == 60e6

@@ -136,7 +136,8 @@ def accuracy(item: MeasuredExperiment, replayed: Replayed, cap: float | None = N
 def latency_table(item: MeasuredExperiment, replayed: Replayed) -> dict[str, Any]:
     """One experiment's request-level report: TTFT / ITL / E2E accuracy over the fit
     targets, simulated vs measured mean / p50 / p90 / p99 (ms) over the requests both
-    completed, and completion counts."""
+    completed, and completion counts (simulated: within the client's timeout when it had
+    one — :func:`~blis_model.requests.measured.client_timeout_us`)."""
     measured = measured_latencies(item)
     status = np.asarray(replayed.requests.column("status").to_numpy(zero_copy_only=False))
     completed = ~np.asarray(item.measurements.requests.column("has_error").to_numpy(
@@ -151,9 +152,14 @@ def latency_table(item: MeasuredExperiment, replayed: Replayed) -> dict[str, Any
                     if ok.any() else None
                     for who, v in (("simulated", sim), ("measured", meas))
                     for k in ("mean", "p50", "p90", "p99")}
+    timeout = item.client_timeout_us
+    finished = status == "finished"
+    if timeout is not None:  # what the client would have seen complete
+        finished = finished & (replayed.predicted["e2e"] <= timeout)
     return {"accuracy": accuracy(item, replayed), "distribution_ms": stats,
             "requests": len(status), "targets": int(item.targets.sum()),
-            "completed_simulated": int((status == "finished").sum()),
+            "client_timeout_s": None if timeout is None else timeout / 1e6,
+            "completed_simulated": int(finished.sum()),
             "completed_measured": int(completed.sum()), "overloaded": item.overloaded,
             "steps": replayed.steps}
 

@@ -14,8 +14,11 @@ What the server saw is not always what the client recorded (``request-measuremen
   partial block. Requests carry no prompt id: identical prompts are grouped by their
   token length (prompts of equal length share a group — only their very first
   occurrences can be mistaken for hits);
-* **client timeouts** — the server kept working on them: they stay in the workload
-  (never aborted), and are not fit targets.
+* **client timeouts** — a streaming client that gives up disconnects, and vLLM aborts a
+  request whose client went away (``AsyncLLM.generate`` is cancelled and aborts it): a
+  request still unfinished when the client's timeout (:func:`client_timeout_us`) expires
+  is aborted then, freeing its KV blocks and its batch slot. Timed-out requests loaded
+  the server until then, so they stay in the workload; they are never fit targets.
 """
 
 from __future__ import annotations
@@ -60,6 +63,11 @@ class MeasuredExperiment:
         return self.experiment.config_key
 
     @property
+    def client_timeout_us(self) -> float | None:
+        """The client's request timeout, µs (:func:`client_timeout_us`)."""
+        return client_timeout_us(self.measurements)
+
+    @property
     def ttft_us(self) -> np.ndarray:
         return _float(self.measurements, "ttft_us")
 
@@ -72,7 +80,7 @@ class MeasuredExperiment:
         w = self.workload
         return Workload(arrival_us=w.arrival_us, prompt_tokens=w.prompt_tokens,
                         output_tokens=w.output_tokens, prefix_group=w.prefix_group,
-                        prefix_tokens=w.prefix_tokens,
+                        prefix_tokens=w.prefix_tokens, abort_us=w.abort_us,
                         pre_queue_us=np.full(len(w), max(float(alpha0_us), 0.0)))
 
 
@@ -97,6 +105,31 @@ def server_limits(experiment: Experiment) -> ServerLimits:
                           key="num_gpu_blocks", experiment=experiment.name)
     return ServerLimits(s.max_num_batched_tokens, s.max_num_seqs, s.block_size,
                         int(s.num_gpu_blocks), s.max_model_len)
+
+
+#: Client errors whose E2E lie within this relative spread of each other, all at or above
+#: the longest completed request, are one timeout (aiohttp's default: 300 s).
+TIMEOUT_SPREAD = 0.01
+
+
+def client_timeout_us(m: Measurements) -> float | None:
+    """The client's request timeout, µs: the load generator's ``request_timeout`` when it
+    records one; else the time at which its errored requests gave up, when they all gave
+    up after the same time (within :data:`TIMEOUT_SPREAD`) and no completed request took
+    longer — a timeout nobody configured (the HTTP client's default). None otherwise."""
+    profile = m.workload
+    if profile is not None and profile.request_timeout_s:
+        return float(profile.request_timeout_s) * 1e6
+    errors = np.asarray(m.requests.column("has_error").to_numpy(zero_copy_only=False), bool)
+    e2e = _float(m, "e2e_us")
+    gave_up = e2e[errors & np.isfinite(e2e)]
+    if len(gave_up) < 2:
+        return None
+    low, high = float(gave_up.min()), float(gave_up.max())
+    done = e2e[~errors & np.isfinite(e2e)]
+    if high - low > TIMEOUT_SPREAD * high or (len(done) and float(done.max()) > low):
+        return None
+    return low
 
 
 def is_overloaded(m: Measurements) -> bool:
@@ -140,8 +173,14 @@ def measured_experiment(experiment: Experiment, m: Measurements) -> MeasuredExpe
     if shared:
         notes.append(f"shared-prefix workload: {len(np.unique(prompt))} distinct prompt "
                      "lengths; a repeated prompt is served from vLLM's prefix cache")
-    workload = Workload(arrival_us=_float(m, "arrival_us"), prompt_tokens=prompt,
-                        output_tokens=output, prefix_group=group, prefix_tokens=prefix)
+    arrival = _float(m, "arrival_us")
+    timeout = client_timeout_us(m)
+    abort = None if timeout is None else arrival + timeout
+    if timeout is not None:
+        notes.append(f"client timeout {timeout / 1e6:.0f} s: a request unfinished by then is "
+                     "aborted (the client disconnected)")
+    workload = Workload(arrival_us=arrival, prompt_tokens=prompt, output_tokens=output,
+                        prefix_group=group, prefix_tokens=prefix, abort_us=abort)
     valid = np.asarray(m.requests.column("valid").to_numpy(zero_copy_only=False), bool)
     ttft, e2e = _float(m, "ttft_us"), _float(m, "e2e_us")
     targets = valid & np.isfinite(ttft) & np.isfinite(e2e) & (e2e > ttft) & (ttft > 0) & (
@@ -160,5 +199,5 @@ def load_measured(corpus_url: str, name: str, options: dict | None = None,
     return measured_experiment(experiment, measurements)
 
 
-__all__ = ["MeasuredExperiment", "is_overloaded", "load_measured", "measured_experiment",
+__all__ = ["MeasuredExperiment", "client_timeout_us", "is_overloaded", "load_measured", "measured_experiment",
            "server_limits"]
