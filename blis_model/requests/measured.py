@@ -199,5 +199,5 @@ def load_measured(corpus_url: str, name: str, options: dict | None = None,
     return measured_experiment(experiment, measurements)
 
 
-__all__ = ["MeasuredExperiment", "client_timeout_us", "is_overloaded", "load_measured", "measured_experiment",
-           "server_limits"]
+__all__ = ["MeasuredExperiment", "client_timeout_us", "is_overloaded", "load_measured",
+           "measured_experiment", "server_limits"]
