@@ -918,9 +918,10 @@ def gate(candidate: Annotated[str, typer.Argument(help="Candidate release URL.")
              "--tolerance", min=0.0, help="Allowed MAPE regression, percentage points.")]
          = 1.0,
          default_hardware: HardwareOpt = None, as_json: JsonOpt = False) -> None:
-    """Compare CANDIDATE with the baseline on a golden corpus: step MAPE and, with journey
-    traces, TTFT / ITL / E2E MAPE. Exit 1 with the reasons when the candidate is worse by
-    more than the tolerance; print PASS (or --json) otherwise."""
+    """Compare CANDIDATE with the baseline on a golden corpus: step MAPE; with journey
+    traces, TTFT / ITL / E2E MAPE; with client request measurements, the same latencies
+    replayed. Exit 1 with the reasons when the candidate is worse by more than the
+    tolerance; print PASS (or --json) otherwise."""
     from blis_model.calibration.gate import compare_releases, load_golden
 
     with _user_errors(), _stdout_to_stderr():

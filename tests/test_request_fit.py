@@ -20,6 +20,7 @@ from blis_model.cli import app
 from blis_model.synth import SynthConfig
 from blis_model.synth.client_view import physics_step_time, write_synth_corpus
 
+REPO = Path(__file__).resolve().parents[1]
 LLAMA3, LLAMA2 = "meta-llama/Llama-3.1-8B", "meta-llama/Llama-2-7b-hf"
 BETA = {"gemm_ridge_us": 0.2, "prefill_attention_us": 1.5, "decode_attention_us": 1.2,
         "mixed_decode_attention_us": 0.3, "decode_attention_tail_us": 0.1, "lm_head_us": 1.1,
@@ -140,3 +141,22 @@ def test_bad_measurement_corpora_get_one_clear_error(corpus: Path, tmp_path: Pat
     assert "requests.json" in result.stderr.strip().splitlines()[-1]
     assert "llama2 holds neither" in result.stderr
     assert not (tmp_path / "s2" / "releases").exists()
+
+
+def test_gate_replays_a_golden_corpus_of_request_measurements(release: Path, corpus: Path,
+                                                              tmp_path: Path) -> None:
+    """The promotion gate on client measurements: both releases replay the measured
+    workloads; a release of another engine (the bundled step sample's: a 5 ms step floor)
+    is refused on the replayed latencies."""
+    same = invoke("gate", str(release), "--baseline", str(release), "--golden", str(corpus),
+                  "--json")
+    verdict = json.loads(same.stdout)
+    assert verdict["passed"] and "step" not in verdict["metrics"]
+    assert set(verdict["compared"]) == {"replayed_ttft", "replayed_itl", "replayed_e2e"}
+    assert verdict["metrics"]["replayed_e2e"]["n"] > 400
+    assert verdict["metrics"]["replayed_e2e"]["candidate"] < 5.0
+    other = invoke("fit", str(REPO / "corpus" / "h100-real-steps"), "--store",
+                   str(tmp_path / "store"), "--family", "picf").stdout.strip().splitlines()[-1]
+    refused = invoke("gate", other, "--baseline", str(release), "--golden", str(corpus),
+                     expect=1)
+    assert "replayed E2E MAPE on the golden corpus" in " ".join(refused.stderr.split())

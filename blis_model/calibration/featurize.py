@@ -7,17 +7,22 @@ what it returns is cached by ``calibration.cache`` under :data:`FEATURIZATION_VE
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 
 from blis_model.configuration.experiment import Experiment, discover_experiments, load_experiment
+from blis_model.configuration.kinds import MEASUREMENTS, TRACES, experiment_kinds
 from blis_model.errors import CorpusError
 from blis_model.features.frame import concat_frames, feature_frame
 from blis_model.ingest.reader import IngestReport, read_step_table, read_tables
 from blis_model.requests.accuracy import RequestData
 from blis_model.requests.stage import RequestSettings, overload, request_data
+from blis_model.storage import join, redact
+
+log = logging.getLogger(__name__)
 
 #: Version of what :func:`featurize` returns (step table, request data, features). Bump
 #: it whenever ingest, reconstruction or a feature changes its output: cached
@@ -55,6 +60,26 @@ def experiment_names(corpus_url: str, options: dict | None = None) -> list[str]:
     if not names:
         raise CorpusError(f"no experiments (folders with exp-config.yaml) under {corpus_url}")
     return names
+
+
+def split_kinds(corpus_url: str, names: Sequence[str], options: dict | None = None
+                ) -> tuple[list[str], list[str]]:
+    """(experiments with step/journey traces, experiments with client request measurements
+    and no traces) — a corpus may mix both; a folder holding neither is skipped with a
+    warning. CorpusError when no experiment holds either."""
+    traces, measured = [], []
+    for name in names:
+        kinds = experiment_kinds(corpus_url if name == "." else join(corpus_url, name), options)
+        if not kinds:
+            log.warning("%s holds neither traces.json[.gz] nor request measurements "
+                        "(requests.json[.gz], per_request_lifecycle_metrics.json): skipped",
+                        name)
+            continue
+        (measured if MEASUREMENTS in kinds and TRACES not in kinds else traces).append(name)
+    if not traces and not measured:
+        raise CorpusError(f"no experiment under {redact(corpus_url)} holds traces "
+                          "(traces.json[.gz]) or request measurements (requests.json[.gz])")
+    return traces, measured
 
 
 def featurize(experiment: Experiment, options: dict | None = None,

@@ -1,12 +1,16 @@
 """The promotion gate: is a candidate release at least as accurate as a baseline on a
 golden corpus?
 
-Compared, pooled over the golden corpus: step-time MAPE (every traced step) and, when the
+Compared, pooled over the golden corpus: step-time MAPE (every traced step); when the
 golden corpus has journey + API traces, the teacher-forced request-level MAPEs (TTFT,
 ITL, E2E; ``requests.accuracy``) of each release's model with its own BLIS alphas
-(``manifest.blis.alpha_coeffs``). The candidate fails when any metric is worse than the
-baseline's by more than ``tolerance_pp`` percentage points, or when it predicts a
-non-finite or non-positive step time. Pure library: the CLI (``blis-model gate``) calls
+(``manifest.blis.alpha_coeffs``); and when it has client request measurements, the
+MAPEs of the same latencies REPLAYED (``replayed_ttft``, ``replayed_itl``,
+``replayed_e2e``): each release's model and alphas drive the vLLM scheduler replay of
+the measured workload (``requests.replay_release``), as BLIS would simulate it. The
+candidate fails when any metric is worse than the baseline's by more than
+``tolerance_pp`` percentage points, or when it predicts a non-finite or non-positive
+step time. Pure library: the CLI (``blis-model gate``) calls
 :func:`compare_releases`; promotion (``releases.channels.promote``) takes the callable of
 :func:`load_gate`. This is the project's one promotion gate.
 """
@@ -21,8 +25,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from blis_model.calibration.featurize import featurize, load_experiments, request_items
+from blis_model.calibration.featurize import (
+    experiment_names,
+    featurize,
+    request_items,
+    split_kinds,
+)
 from blis_model.configuration.defaults import BLIS_SHIPPED_ALPHAS, GATE_TOLERANCE_PP
+from blis_model.configuration.experiment import load_experiment
 from blis_model.errors import CorpusError
 from blis_model.features.frame import feature_frame
 from blis_model.metrics import per_experiment, summary
@@ -36,10 +46,13 @@ from blis_model.requests.accuracy import (
     teacher_forced,
 )
 from blis_model.requests.alphas import AlphaFit
+from blis_model.requests.measured import MeasuredExperiment, load_measured
+from blis_model.requests.replay_release import replay_workload
 from blis_model.requests.stage import RequestSettings
 from blis_model.storage import redact
 
-GATE_METRICS: tuple[str, ...] = ("step", *METRICS)
+REPLAYED_METRICS: tuple[str, ...] = tuple(f"replayed_{m}" for m in METRICS)
+GATE_METRICS: tuple[str, ...] = ("step", *METRICS, *REPLAYED_METRICS)
 
 
 @dataclass(frozen=True)
@@ -52,30 +65,40 @@ class GoldenRequests:
 
 @dataclass(frozen=True)
 class GoldenSet:
-    """A featurized golden corpus: every usable traced step (``frame``) and the request
-    data of experiments with journey + API traces."""
+    """A featurized golden corpus: every usable traced step (``frame``), the request
+    data of experiments with journey + API traces, and the experiments of client request
+    measurements (``measured``, replayed)."""
 
     corpus: str
     frame: pd.DataFrame
     requests: tuple[GoldenRequests, ...] = ()
+    measured: tuple[MeasuredExperiment, ...] = ()
 
     @property
     def n_requests(self) -> int:
-        return int(sum(g.data.requests.num_rows for g in self.requests))
+        return int(sum(g.data.requests.num_rows for g in self.requests)
+                   + sum(len(m.workload) for m in self.measured))
 
 
 def load_golden(corpus_url: str, options: dict[str, Any] | None = None,
                 default_hardware: str | None = None,
                 settings: RequestSettings | None = None) -> GoldenSet:
-    """Featurize the golden corpus (CorpusError when it has no usable step)."""
-    experiments = load_experiments(corpus_url, options, default_hardware)
+    """Featurize the golden corpus's traced experiments and load its request-measurement
+    ones (CorpusError when it has neither a usable step nor a measured request)."""
+    traced, measured = split_kinds(corpus_url, experiment_names(corpus_url, options), options)
+    experiments = [load_experiment(corpus_url, n, options, default_hardware) for n in traced]
     items = [featurize(e, options, settings) for e in experiments]
     frames = [i.frame for i in items if len(i.frame)]
-    if not frames:
-        raise CorpusError(f"golden corpus {redact(corpus_url)}: no usable steps")
+    replayed = tuple(load_measured(corpus_url, n, options, default_hardware) for n in measured)
+    replayed = tuple(m for m in replayed if m.targets.any())
+    if not frames and not replayed:
+        raise CorpusError(f"golden corpus {redact(corpus_url)}: no usable steps or measured "
+                          "requests")
     golden = tuple(GoldenRequests(d, feature_frame(d.experiment, d.full_steps))
                    for d in request_items(items) if d.full_steps.num_rows)
-    return GoldenSet(redact(corpus_url), pd.concat(frames, ignore_index=True), golden)
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        {"duration_us": pd.Series(dtype=np.float64)})
+    return GoldenSet(redact(corpus_url), frame, golden, replayed)
 
 
 def release_alphas(release: Release) -> AlphaFit:
@@ -90,11 +113,14 @@ def score_release(release: Release, golden: GoldenSet) -> dict[str, Any]:
     ``itl``, ``e2e``; summaries with ``n``) and per experiment, plus the count of
     unusable (non-finite or ≤ 0) step predictions."""
     frame = golden.frame
-    predicted = predict_frame(release, frame)
-    truth = frame["duration_us"].to_numpy(dtype=np.float64)
-    pooled: dict[str, dict[str, float]] = {"step": summary(predicted, truth)}
-    per_exp: dict[str, dict[str, dict[str, float]]] = {
-        name: {"step": r} for name, r in per_experiment(frame, predicted).items()}
+    pooled: dict[str, dict[str, float]] = {}
+    per_exp: dict[str, dict[str, dict[str, float]]] = {}
+    predicted = np.zeros(0)
+    if not frame.empty:
+        predicted = predict_frame(release, frame)
+        truth = frame["duration_us"].to_numpy(dtype=np.float64)
+        pooled["step"] = summary(predicted, truth)
+        per_exp = {name: {"step": r} for name, r in per_experiment(frame, predicted).items()}
     per_request = []
     alphas = release_alphas(release)
     for g in golden.requests:
@@ -109,8 +135,27 @@ def score_release(release: Release, golden: GoldenSet) -> dict[str, Any]:
         pooled.update(request_accuracy(rows))
         for name, metrics in request_accuracy_per_experiment(rows).items():
             per_exp.setdefault(name, {}).update(metrics)
+    if golden.measured:
+        reports = {item.name: report for item, _, report in replay_workload(
+            list(golden.measured), release.model, release.alphas, release.contention)
+            if report is not None}
+        for name, report in reports.items():
+            per_exp.setdefault(name, {}).update(
+                {f"replayed_{m}": r for m, r in report["accuracy"].items()})
+        for m in METRICS:
+            pooled[f"replayed_{m}"] = _pooled_mape([r["accuracy"][m] for r in reports.values()])
     bad = int((~np.isfinite(predicted) | (predicted <= 0)).sum())
     return {"pooled": pooled, "per_experiment": per_exp, "unusable_steps": bad}
+
+
+def _pooled_mape(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """MAPE over the union of several experiments' requests, from their MAPEs and counts
+    (a mean of means weighted by n is exactly the pooled mean)."""
+    n = sum(int(p.get("n") or 0) for p in parts)
+    if not n:
+        return {"mape": float("nan"), "n": 0}
+    return {"mape": sum(float(p["mape"]) * int(p["n"]) for p in parts if p.get("n")) / n,
+            "n": n}
 
 
 @dataclass(frozen=True)
@@ -169,14 +214,15 @@ def compare_releases(candidate: Release, baseline: Release | None, golden: Golde
     for m in metrics:
         c, b = _mape(cand["pooled"], m), _mape(base["pooled"] if base else None, m)
         n = (cand["pooled"].get(m) or {}).get("n", 0)
-        if c is None and b is None and m != "step":
-            continue  # no request data in the golden corpus
+        if c is None and b is None and (m != "step" or golden.frame.empty):
+            continue  # no request data (or no traced step) in the golden corpus
         table[m] = {"candidate": c, "baseline": b, "n": n,
                     "change": None if c is None or b is None else c - b}
         if base is None:
             continue
         compared.append(m)
-        label = "step" if m == "step" else m.upper()
+        label = "step" if m == "step" else (
+            f"replayed {m[len('replayed_'):].upper()}" if m.startswith("replayed_") else m.upper())
         if c is None and b is not None:
             reasons.append(f"{label} MAPE cannot be computed for {candidate.version} "
                            f"(baseline {baseline.version}: {b:.2f}%)")

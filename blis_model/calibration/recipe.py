@@ -35,6 +35,9 @@ from blis_model.calibration.featurize import (
     split_overloaded,
     training_frame,
 )
+from blis_model.calibration.featurize import (
+    split_kinds as split_by_kind,
+)
 from blis_model.calibration.plan import Plan, plan
 from blis_model.calibration.selection import (
     Folds,
@@ -44,14 +47,13 @@ from blis_model.calibration.selection import (
     validate,
 )
 from blis_model.configuration.experiment import Experiment, load_experiment
-from blis_model.configuration.kinds import MEASUREMENTS, TRACES, experiment_kinds
-from blis_model.errors import BlisModelError, CorpusError
+from blis_model.errors import BlisModelError
 from blis_model.models.base import StepTimeModel
 from blis_model.models.registry import AUTO_FAMILY, make_model
 from blis_model.releases.build import build_release, release_version
 from blis_model.releases.store import publish
 from blis_model.requests.stage import RequestSettings, RequestStage, request_stage
-from blis_model.storage import join, redact, storage_options_for
+from blis_model.storage import redact, storage_options_for
 
 log = logging.getLogger(__name__)
 
@@ -242,21 +244,8 @@ def calibrate(corpus: str, store: str, *, family: str = AUTO_FAMILY, base: str |
 
 def split_kinds(p: Plan, names: Sequence[str]) -> tuple[list[str], list[str]]:
     """(experiments with step/journey traces, experiments with client request
-    measurements and no traces) — a corpus may mix both."""
-    options = storage_options_for(p.corpus)
-    traces, measured = [], []
-    for name in names:
-        kinds = experiment_kinds(p.corpus if name == "." else join(p.corpus, name), options)
-        if not kinds:
-            log.warning("%s holds neither traces.json[.gz] nor request measurements "
-                        "(requests.json[.gz], per_request_lifecycle_metrics.json): skipped",
-                        name)
-            continue
-        (measured if MEASUREMENTS in kinds and TRACES not in kinds else traces).append(name)
-    if not traces and not measured:
-        raise CorpusError(f"no experiment under {redact(p.corpus)} holds traces "
-                          "(traces.json[.gz]) or request measurements (requests.json[.gz])")
-    return traces, measured
+    measurements and no traces) of the plan's corpus (``featurize.split_kinds``)."""
+    return split_by_kind(p.corpus, names, storage_options_for(p.corpus))
 
 
 def calibrate_from_requests(p: Plan, names: Sequence[str], traced: Sequence[Featurized],
