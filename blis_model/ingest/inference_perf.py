@@ -313,7 +313,8 @@ class NativeRequest:
     problems: list[str] = field(default_factory=list)  # malformed fields (kept, reported)
 
 
-def _num(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """``value`` as a finite float; None for missing, booleans, text and NaN/inf."""
     if isinstance(value, bool) or value is None:
         return None
     try:
@@ -324,14 +325,14 @@ def _num(value: Any) -> float | None:
 
 
 def _count(value: Any) -> int | None:
-    number = _num(value)
+    number = finite_number(value)
     return int(number) if number is not None and number == int(number) else None
 
 
 def _times(value: Any) -> list[float] | None:
     if not isinstance(value, list):
         return None
-    out = [_num(v) for v in value]
+    out = [finite_number(v) for v in value]
     return None if any(v is None for v in out) else out  # type: ignore[misc]
 
 
@@ -342,7 +343,8 @@ def parse_native_record(record: Any, position: int) -> NativeRequest:
     if not isinstance(record, Mapping):
         row.problems.append(f"record is a {type(record).__name__}, not an object")
         return row
-    row.start_s, row.end_s = _num(record.get("start_time")), _num(record.get("end_time"))
+    row.start_s = finite_number(record.get("start_time"))
+    row.end_s = finite_number(record.get("end_time"))
     if row.start_s is None:
         row.problems.append("no numeric start_time")
     if row.end_s is None:

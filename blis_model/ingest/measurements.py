@@ -63,6 +63,7 @@ from blis_model.errors import ConfigError, CorpusError
 from blis_model.ingest.inference_perf import (
     LoadProfile,
     NativeRequest,
+    finite_number,
     parse_native_record,
     parse_workload,
 )
@@ -515,9 +516,9 @@ def _requests_format(fs: Any, path: str, folder: _Folder, name: str, workload: L
             raise CorpusError(f"experiment {name}: {label}: requests[{i}] has no integer "
                               f"'index' (got {idx!r})")
         index[i] = int(idx)
-        arrival[i] = _num(e.get("arrival_time_us"))
-        inp[i] = _num(e.get("input_tokens"))
-        rec[i] = _num(e.get("output_tokens"))
+        arrival[i] = finite_number(e.get("arrival_time_us"))
+        inp[i] = finite_number(e.get("input_tokens"))
+        rec[i] = finite_number(e.get("output_tokens"))
         has_error[i] = bool(e.get("has_error"))
     dup_counts = Counter(index.tolist())
 
@@ -551,7 +552,7 @@ def _requests_format(fs: Any, path: str, folder: _Folder, name: str, workload: L
                 continue
             has_truth[i] = True
             for target, key in ((ttft, "ttft_s"), (e2e, "e2e_s")):
-                seconds = _num(g.get(key))
+                seconds = finite_number(g.get(key))
                 target[i] = seconds * 1e6 if seconds is not None else np.nan
             has_error[i] |= bool(g.get("has_error"))
         for idx, k in gt_counts.items():
@@ -624,16 +625,6 @@ def _native_format(fs: Any, path: str, where: tuple[str, str], name: str,
         if token_times else None)
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 # -- public API ----------------------------------------------------------------------
 
 
@@ -654,7 +645,7 @@ def _consistency(name: str, server: ServerConfig, metadata: Mapping[str, Any],
                           ("block_size", server.block_size),
                           ("kv_blocks_total_gpu", server.num_gpu_blocks)):
             theirs = cfg.get(key)
-            if theirs is not None and ours is not None and _num(theirs) != ours:
+            if theirs is not None and ours is not None and finite_number(theirs) != ours:
                 warnings.append(f"requests.json config.{key}={theirs} differs from "
                                 f"{EXP_CONFIG} ({ours})")
 
@@ -779,7 +770,7 @@ def read_measurements(url: str, *, experiment: str | None = None, options: dict 
         columns = _native_format(fs, path, native, name, workload, token_times)
         data_file = f"{name}/{_rel(*native)}"
     if server.num_gpu_blocks is None and isinstance(metadata.get("config"), Mapping):
-        blocks = _num(metadata["config"].get("kv_blocks_total_gpu"))
+        blocks = finite_number(metadata["config"].get("kv_blocks_total_gpu"))
         if blocks:
             server = _with_blocks(server, int(blocks))
     _consistency(name, server, metadata, workload, warnings)

@@ -122,6 +122,39 @@ def _repeats(step: np.ndarray, request_ids: list[bytes | None], usable: np.ndarr
     return np.asarray(repeats, dtype=np.int64)
 
 
+def composition_of_members(step: np.ndarray, n_steps: int, prefill: np.ndarray,
+                           members: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The composition columns (:data:`COMPOSITION_COLUMNS`) of ``n_steps`` steps from
+    their members: one row per (step, request) with the step's index ``step``, whether it
+    is a ``prefill`` chunk, and its ``scheduled`` tokens, ``computed`` context before the
+    step, ``prompt`` length, ``blocks_allocated``, ``blocks_cached`` and ``preemptions``
+    (the snapshot's fields). Prefill rows: counts, tokens, Σ tokens², Σ tokens·context,
+    Σ tokens·prompt, KV tokens after the step, the longest context, and the chunks that
+    finish their prompt (they sample); decode rows: count, Σ and max context."""
+    t, c, s = members["scheduled"], members["computed"], members["prompt"]
+    pf, dc = prefill, ~prefill
+    ones = np.ones(len(step))
+
+    def total(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.bincount(step[mask], weights=values[mask], minlength=n_steps)
+
+    def peak(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        out = np.zeros(n_steps)
+        np.maximum.at(out, step[mask], values[mask])
+        return out
+
+    every = np.ones(len(step), bool)
+    return {
+        "pf_count": total(ones, pf), "pf_tokens": total(t, pf),
+        "pf_tokens_sq": total(t * t, pf), "pf_ctx_tokens": total(t * c, pf),
+        "pf_prompt_tokens": total(t * s, pf), "pf_kv_tokens": total(c + t, pf),
+        "pf_ctx_max": peak(c + t, pf), "pf_sampling": total(ones, pf & (c + t >= s)),
+        "dc_count": total(ones, dc), "dc_ctx_sum": total(c, dc), "dc_ctx_max": peak(c, dc),
+        "blocks_allocated": total(members["blocks_allocated"], every),
+        "blocks_cached": total(members["blocks_cached"], every),
+        "preempted_before": total(ones, members["preemptions"] > 0),
+    }
+
 @dataclass
 class StepTableBuilder:
     """Accumulates the step events of one experiment, then aggregates them into a table.
@@ -236,32 +269,7 @@ class StepTableBuilder:
         row_ok[row_ok] &= step_ids[row[row_ok]] == snap_ids[row_ok]
         row, pf = row[row_ok], prefill[row_ok]
         snap = {c: v[row_ok] for c, v in snap.items()}
-        t, c, s = snap["scheduled"], snap["computed"], snap["prompt"]
-        dc = ~pf
-
-        def total(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-            return np.bincount(row[mask], weights=values[mask], minlength=n)
-
-        def peak(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-            result = np.zeros(n)
-            np.maximum.at(result, row[mask], values[mask])
-            return result
-
-        ones = np.ones(len(row))
-        out["pf_count"] = total(ones, pf)
-        out["pf_tokens"] = total(t, pf)
-        out["pf_tokens_sq"] = total(t * t, pf)
-        out["pf_ctx_tokens"] = total(t * c, pf)
-        out["pf_prompt_tokens"] = total(t * s, pf)
-        out["pf_kv_tokens"] = total(c + t, pf)
-        out["pf_ctx_max"] = peak(c + t, pf)
-        out["pf_sampling"] = total(ones, pf & (c + t >= s))
-        out["dc_count"] = total(ones, dc)
-        out["dc_ctx_sum"] = total(c, dc)
-        out["dc_ctx_max"] = peak(c, dc)
-        out["blocks_allocated"] = total(snap["blocks_allocated"], np.ones(len(row), bool))
-        out["blocks_cached"] = total(snap["blocks_cached"], np.ones(len(row), bool))
-        out["preempted_before"] = total(ones, snap["preemptions"] > 0)
+        out.update(composition_of_members(row, n, pf, snap))
         has = np.bincount(row, minlength=n) > 0
         return out, has
 

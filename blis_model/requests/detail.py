@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from blis_model.ingest.steps import composition_of_members
 from blis_model.requests.scheduler import EngineLog
 from blis_model.requests.workload import Workload
 
@@ -104,32 +105,10 @@ def step_members(log: EngineLog, workload: Workload, block_size: int) -> pa.Tabl
 
 def member_aggregates(members: pa.Table, n_steps: int) -> dict[str, np.ndarray]:
     """Per-step composition columns (``ingest.steps.COMPOSITION_COLUMNS``) summed from the
-    members, with the same formulas as the step table's snapshot path."""
+    members (``ingest.steps.composition_of_members``: the step table's formulas)."""
     step = members.column("step_id").to_numpy()
     col = {name: members.column(name).to_numpy().astype(np.float64)
            for name in ("prompt", "computed", "scheduled", "preemptions", "blocks_allocated",
                         "blocks_cached")}
-    pf = members.column("prefill").to_numpy(zero_copy_only=False)
-    t, c, s = col["scheduled"], col["computed"], col["prompt"]
-    ones = np.ones(len(step))
-
-    def total(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return np.bincount(step[mask], weights=values[mask], minlength=n_steps)
-
-    def peak(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        out = np.zeros(n_steps)
-        np.maximum.at(out, step[mask], values[mask])
-        return out
-
-    every = np.ones(len(step), bool)
-    return {
-        "pf_count": total(ones, pf), "pf_tokens": total(t, pf),
-        "pf_tokens_sq": total(t * t, pf), "pf_ctx_tokens": total(t * c, pf),
-        "pf_prompt_tokens": total(t * s, pf), "pf_kv_tokens": total(c + t, pf),
-        "pf_ctx_max": peak(c + t, pf), "pf_sampling": total(ones, pf & (c + t >= s)),
-        "dc_count": total(ones, ~pf), "dc_ctx_sum": total(c, ~pf),
-        "dc_ctx_max": peak(c, ~pf),
-        "blocks_allocated": total(col["blocks_allocated"], every),
-        "blocks_cached": total(col["blocks_cached"], every),
-        "preempted_before": total(ones, col["preemptions"] > 0),
-    }
+    pf = np.asarray(members.column("prefill").to_numpy(zero_copy_only=False), bool)
+    return composition_of_members(step, n_steps, pf, col)

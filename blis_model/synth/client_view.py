@@ -25,8 +25,6 @@ fitting the client view is an inverse problem with a known answer.
 
 from __future__ import annotations
 
-import gzip
-import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,9 +52,14 @@ from blis_model.ingest.measurements import (
 from blis_model.requests.scheduler import AGGREGATES, StepAggregates
 from blis_model.requests.step_time import CompiledPart, compile_part
 from blis_model.storage import join, write_bytes_atomic
-from blis_model.synth.otlp_writer import trace_lines
 from blis_model.synth.simulator import SimResult, SynthConfig, simulate
-from blis_model.synth.truth import SynthTruth, exp_config, requests_table, steps_table
+from blis_model.synth.truth import (
+    SynthTruth,
+    exp_config,
+    requests_table,
+    steps_table,
+    write_traces,
+)
 
 MIN_STEP_US = 1.0  # no GPU step is shorter (a law may price a tiny step at 0)
 INFERENCE_PERF = "inference-perf"
@@ -304,23 +307,6 @@ def write_client_view(path: str, result: SimResult, options: dict | None = None
                                  "synth_seed": cfg.seed},
                        options=options)
     return MEASUREMENT_FILES
-
-
-def write_traces(path: str, result: SimResult, options: dict | None = None
-                 ) -> tuple[str, ...]:
-    """Write ``result``'s OTLP traces (``traces.json[.gz]``, the bytes
-    ``synth.write_experiment`` writes for the same configuration); returns the file."""
-    cfg = result.config
-    body = b"\n".join(trace_lines(result)) + b"\n"
-    name = "traces.json.gz" if cfg.gzip else "traces.json"
-    if cfg.gzip:
-        buf = io.BytesIO()
-        with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0,
-                           compresslevel=6) as gz:
-            gz.write(body)
-        body = buf.getvalue()
-    write_bytes_atomic(join(path, name), body, options)
-    return (name,)
 
 
 def write_synth_experiment(path: str, config: SynthConfig, *, traces: bool = True,

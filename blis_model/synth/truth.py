@@ -76,23 +76,32 @@ def exp_config(config: SynthConfig) -> dict:
             "engine": "blis_model.synth simulator", "synth_seed": config.seed}
 
 
+def write_traces(path: str, result: SimResult, options: dict | None = None
+                 ) -> tuple[str, ...]:
+    """Write ``result``'s OTLP traces at ``path`` (``traces.json``, ``.gz`` when
+    ``config.gzip``; same result, same bytes); returns the file name."""
+    cfg = result.config
+    body = b"\n".join(trace_lines(result)) + b"\n"
+    name = "traces.json.gz" if cfg.gzip else "traces.json"
+    if cfg.gzip:
+        buf = io.BytesIO()
+        with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0,
+                           compresslevel=6) as gz:
+            gz.write(body)
+        body = buf.getvalue()
+    write_bytes_atomic(join(path, name), body, options)
+    return (name,)
+
+
 def write_experiment(path: str, config: SynthConfig, options: dict | None = None
                      ) -> SynthTruth:
     """Simulate ``config`` and write an experiment folder at ``path`` (local or object
     store): ``exp-config.yaml`` and ``traces.json`` (``.gz`` when ``config.gzip``).
     Returns the ground truth. Same config, same bytes."""
     result = simulate(config)
-    body = b"\n".join(trace_lines(result)) + b"\n"
-    name = "traces.json.gz" if config.gzip else "traces.json"
-    if config.gzip:
-        buf = io.BytesIO()
-        with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0,
-                           compresslevel=6) as gz:
-            gz.write(body)
-        body = buf.getvalue()
     cfg_yaml = yaml.safe_dump(exp_config(config), sort_keys=False).encode()
     write_bytes_atomic(join(path, "exp-config.yaml"), cfg_yaml, options)
-    write_bytes_atomic(join(path, name), body, options)
+    traces = write_traces(path, result, options)
     return SynthTruth(config=config, batches=tuple(s.batch for s in result.steps),
                       steps=steps_table(result), requests=requests_table(result),
-                      files=("exp-config.yaml", name))
+                      files=("exp-config.yaml", *traces))
