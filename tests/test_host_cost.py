@@ -6,6 +6,7 @@ predicts with that machine's factor on the global host part; the factors round-t
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -21,6 +22,7 @@ from blis_model.models.config_terms import (
     machine_of,
     record_host_effect,
 )
+from blis_model.models.conformal import SplitConformal
 from blis_model.models.registry import FAMILIES, make_model, model_from_dict
 from blis_model.models.synthetic import CONFIGS, SyntheticConfig, synthetic_frame
 
@@ -244,3 +246,22 @@ def test_machine_factors_round_trip_and_older_releases_load_without_them(
     old = model_from_dict(data)
     assert old.machine_host_ == {}
     np.testing.assert_allclose(old.predict(b), bases[family].predict(b), rtol=1e-12)
+
+
+def test_a_machine_factor_does_not_narrow_the_zero_shot_interval(donors: pd.DataFrame) -> None:
+    """Conformal intervals of a configuration never seen on a calibrated machine: the
+    prediction carries the factor, the relative width (novelty, scores) is the one
+    without it — the ``gpu`` axis still compares descriptors with the nearest donor."""
+    conformal = SplitConformal(make_model("picf")).fit(donors)
+    a = relabel(conformal.estimator_, steps_of(H200_A, n=400, seed=11), host=1.6, seed=12)
+    calibrated = conformal.calibrate(a)
+    assert calibrated.estimator_.machine_host_["H200"]["factor"] != 1.0
+    b = steps_of(H200_B, n=200, seed=13)
+    plain = copy.deepcopy(calibrated)
+    plain.estimator_.machine_host_ = {}
+    (lo, hi), (plo, phi) = calibrated.interval(b), plain.interval(b)
+    assert not np.allclose(calibrated.predict(b), plain.predict(b))
+    np.testing.assert_allclose((hi - lo) / calibrated.predict(b), (phi - plo) / plain.predict(b),
+                               rtol=1e-9)
+    key = b["config_key"].iloc[0]
+    assert calibrated.novelty(b)[key] == plain.novelty(b)[key]
