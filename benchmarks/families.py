@@ -5,7 +5,7 @@ Real sample (``corpus/h100-real-steps``), one row per family:
   and median APE, mean over held-out experiments;
 * cal@N: MAPE after ``calibrate`` on the first N steps (50, 100, half) of the held-out
   experiment, on its remaining steps, next to the zero-shot MAPE of the SAME steps, the
-  choice each configuration got (none / scale / terms@λ) and how many calibrations came
+  choice each configuration got (none / host / scale / terms@λ) and how many calibrations came
   out worse than zero-shot; the same for the rule before (always the full terms, no
   bounds: ``config_selection="terms"``, ``config_bound=inf``);
 * within-experiment temporal MAPE (fit on the first 70% of each experiment by step id,
@@ -149,7 +149,7 @@ def report_real(frame: pd.DataFrame, families: Sequence[str]) -> None:
                         for c in (f"cal@{n} %", f"cal@{n} worse", f"cal@{n} old %",
                                   f"cal@{n} old worse"))]
     print(table(rows, cols) + "\n")
-    print("Per held-out experiment and calibration size (choice: none / scale / terms@λ; "
+    print("Per held-out experiment and calibration size (choice: none / host / scale / terms@λ; "
           "at bound: terms at a bound of their physical range):\n")
     print(table([r for res in results for r in res[1]],
                 ["family", "held out", "n", "steps", "zero-shot %", "calibrated %", "choice",

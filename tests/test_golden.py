@@ -129,6 +129,15 @@ def test_golden_covers_every_family_and_the_hard_cases() -> None:
     sizes = {name: len(b["requests"]) for name, b in committed["batches"].items()}
     assert sizes["empty"] == 0 and max(sizes.values()) > 1024
     assert {c["calibrated"] for c in committed["cases"]} == {True, False}
+    # a configuration never seen on a machine with a calibrated configuration (H200)
+    # predicts with the machine's host factor (families with a host part)
+    scaled = {c["release"] for c in committed["cases"] if c["machine_host_factor"] != 1.0
+              and not c["calibrated"] and c["calibration_choice"] is None}
+    assert {"picf", "hfd_tl", "bsr_ard"} <= scaled
+    machine = {c["config_key"].split("|")[1] for c in committed["cases"]
+               if c["release"] == "picf" and c["machine_host_factor"] != 1.0}
+    assert "H200" in machine and any(c["calibrated"] and c["config_key"].split("|")[1] == "H200"
+                                     for c in committed["cases"] if c["release"] == "picf")
 
 
 def test_batch_to_steps_aggregates_like_ingest() -> None:

@@ -317,8 +317,10 @@ def test_manifest_and_card_record_each_configurations_choice_of_terms(
     card = files["MODEL_CARD.md"].decode()
     assert "## Per-configuration calibration" in card
     for key, rec in block["per_config"].items():
-        assert set(rec["cv_rmsre_pct"]) == {"none", "scale", "terms@200", "terms@50",
+        assert set(rec["cv_rmsre_pct"]) == {"none", "host", "scale", "terms@200", "terms@50",
                                             "terms@12.5"}
+        assert rec["host_effect"] is None or rec["host_effect"] > 0
+        assert ("host_factor" in rec) == (rec["choice"] == "host")
         assert rec["choice"] == coefficients["per_config"][key]["choice"]
         assert rec["choice"] in rec["cv_rmsre_pct"] and rec["reason"]
         assert f"`{key.replace('|', chr(92) + '|')}`" in card
@@ -332,6 +334,12 @@ def test_manifest_and_card_record_each_configurations_choice_of_terms(
             if m["at_bound"]:
                 assert f"{m['term']} ({m['at_bound']})" in rec["at_bound"]
     assert sum(block["choices"].values()) == len(keys)
+    assert block["method"]["candidates"][:3] == ["none", "host", "scale"]
+    assert set(block["machine_host_factors"]) == {k.split("|")[1] for k in keys}
+    assert "### Machine host factors" in card
+    for machine, entry in block["machine_host_factors"].items():
+        assert entry["factor"] == coefficients["machine_host_factors"][machine]["factor"]
+        assert f"| {machine} |" in card
 
 
 def test_a_calibrated_release_records_the_target_configurations_choice(fitted: Fitted) -> None:

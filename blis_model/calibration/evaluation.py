@@ -99,9 +99,12 @@ def evaluate(frame: pd.DataFrame, model: StepTimeModel, family: str = DEFAULT_FA
 def calibration_report(model: StepTimeModel) -> dict[str, Any] | None:
     """How the release chose each configuration's terms (``models.config_terms``), for
     the manifest (``metrics.calibration``): the method, and per configuration the choice
-    (none / scale / terms@λ), why, every candidate's time-ordered CV error (RMS relative
-    error, %), the scale or prior strength, and which terms moved and which sit at a bound
-    of their physical range. None for a model without per-configuration terms."""
+    (none / host / scale / terms@λ), why, every candidate's time-ordered CV error (RMS
+    relative error, %), the host factor, scale or prior strength, the host effect (host
+    share of its steps over the global terms'), and which terms moved and which sit at a
+    bound of their physical range; for a family with a host part, the machine host
+    factors (per machine: the factor a configuration never seen there predicts with).
+    None for a model without per-configuration terms."""
     block = model.to_dict().get("calibration")
     if not block:
         return None
@@ -113,6 +116,8 @@ def calibration_report(model: StepTimeModel) -> dict[str, Any] | None:
                     "cv_rmsre_pct": {c["candidate"]: c["cv_rmsre_pct"]
                                      for c in rec.get("candidates", [])},
                     **({"scale": rec["scale"]} if "scale" in rec else {}),
+                    **({k: rec[k] for k in ("host_factor", "host_effect",
+                                            "machine_host_factor") if k in rec}),
                     **({"prior_steps": rec["prior_steps"]} if "prior_steps" in rec else {}),
                     "terms_moved": len(moved),
                     "at_bound": [f"{m['term']} ({m['at_bound']})" for m in moved
@@ -121,7 +126,14 @@ def calibration_report(model: StepTimeModel) -> dict[str, Any] | None:
     for rec in per.values():
         kind = rec["choice"].split("@")[0]
         counts[kind] = counts.get(kind, 0) + 1
-    return {"method": block.get("method", {}), "choices": counts, "per_config": per}
+    out = {"method": block.get("method", {}), "choices": counts, "per_config": per}
+    if "machine_host_factors" in block:
+        out["host_terms"] = block.get("host_terms", [])
+        out["machine_host_factors"] = {m: {k: v for k, v in entry.items()
+                                           if k != "configurations"}
+                                       | {"configurations": len(entry.get("configurations", {}))}
+                                       for m, entry in block["machine_host_factors"].items()}
+    return out
 
 
 LEARNING_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0)

@@ -23,6 +23,8 @@ from blis_model.features.registry import REGISTRY, describe
 from blis_model.models.config_terms import (
     Selection,
     column_scale,
+    machine_factor,
+    machine_host_factors,
     method,
     records_to_dict,
     select_terms,
@@ -47,6 +49,19 @@ def priors(names: Sequence[str]) -> np.ndarray:
 
 def correction_mask(names: Sequence[str]) -> np.ndarray:
     return np.array([n in REGISTRY and REGISTRY[n].kind == "correction" for n in names])
+
+
+def host_mask(names: Sequence[str]) -> np.ndarray:
+    """True for the HOST-time features: the overhead kind (counts — kernel launches,
+    layers, requests, steps — priced in µs per unit, paid by the CPU, the driver and
+    the launch path); the corrections are device time."""
+    return np.array([n in REGISTRY and REGISTRY[n].kind == "overhead" for n in names],
+                    dtype=bool)
+
+
+def host_scaling(mask: np.ndarray, factor: float) -> np.ndarray:
+    """Per-term multipliers: ``factor`` on the host terms (``mask``), 1 on the others."""
+    return np.where(np.asarray(mask, dtype=bool), float(factor), 1.0)
 
 
 def coefficient_table(names: Sequence[str], beta: np.ndarray) -> list[dict[str, Any]]:
@@ -90,11 +105,15 @@ class ConfigCoefficientSets(StepTimeModel):
     Subclasses provide ``_fit_config(X, y, reference, prior_steps) -> coefficients`` (one
     configuration's terms, shrunk toward ``reference`` with a prior worth ``prior_steps``
     steps, inside :meth:`_bounds`) and ``_predict_with(X, coefficients) -> µs``; this
-    class chooses each configuration's terms (``models.config_terms``: none / one scale /
-    full terms, by time-ordered cross-validation; the record of every choice in
-    ``config_choice_``) and gives prediction by configuration (global set for unseen
-    keys), ``calibrate``, ``with_config_sets`` and the common part of serialisation.
-    A configuration whose choice is ``none`` has no set: it predicts with the reference.
+    class chooses each configuration's terms (``models.config_terms``: none / one host
+    factor / one scale / full terms, by time-ordered cross-validation; the record of every
+    choice in ``config_choice_``) and gives prediction by configuration, ``calibrate``,
+    ``with_config_sets`` and the common part of serialisation. A configuration whose
+    choice is ``none`` has no set (unless its reference carried a machine host factor):
+    it predicts with the global set. A configuration never seen predicts with the global
+    set whose host terms (:meth:`_host_terms_mask`) are × its machine's host factor
+    (``machine_host_``: ``config_terms.machine_host_factors`` of the records; 1 on a
+    machine without calibrated configurations).
     """
 
     features: Any
@@ -139,6 +158,38 @@ class ConfigCoefficientSets(StepTimeModel):
         lower, upper = self._bounds(X, y)
         return list(self.features), self.coef_, lower, upper
 
+    # -- host cost (config_terms: the host candidate and machine host factors) ----------
+    def _host_terms_mask(self) -> np.ndarray:
+        """Which coefficients price host time: the overhead-kind features."""
+        return host_mask(self.features)
+
+    def _offers_host(self) -> bool:
+        return bool(self._host_terms_mask().any())
+
+    def _terms_host_split(self, X: pd.DataFrame, terms: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """(device µs, host µs) per step of a linear set: Σ over the corrections, Σ over
+        the overheads (their sum is the prediction)."""
+        mask = self._host_terms_mask()
+        A = design(X, self.features)
+        return A @ np.where(mask, 0.0, terms), A @ np.where(mask, terms, 0.0)
+
+    def _terms_host_scaled(self, terms: np.ndarray, factor: float) -> np.ndarray:
+        return terms * host_scaling(self._host_terms_mask(), factor)
+
+    def _global_terms(self) -> np.ndarray:
+        return self.coef_
+
+    def machine_factor_for(self, config_key: str | None) -> float:
+        """The host factor a configuration predicts with: its machine's when this model
+        never saw it, else 1 (``config_terms.machine_factor``)."""
+        return machine_factor(getattr(self, "machine_host_", {}),
+                              getattr(self, "config_choice_", {}), config_key)
+
+    def _refresh_machine_factors(self) -> None:
+        self.machine_host_: dict[str, dict[str, Any]] = (
+            machine_host_factors(self.config_choice_) if self._offers_host() else {})
+
     def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
         """This model's choice of terms for configuration ``key`` on its steps."""
         return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
@@ -152,15 +203,18 @@ class ConfigCoefficientSets(StepTimeModel):
     def _fit_config_sets(self, X: pd.DataFrame, y: np.ndarray) -> None:
         self.config_coef_: dict[str, np.ndarray] = {}
         self.config_choice_: dict[str, dict[str, Any]] = {}
+        self.machine_host_ = {}  # every configuration's reference: the global set
         if getattr(self, "per_config", False) and "config_key" in X:
             for key, idx in X.groupby("config_key", sort=True).indices.items():
                 self._apply(str(key), self._select(str(key), X.iloc[idx], y[idx]))
+        self._refresh_machine_factors()
 
     def _copy_fitted(self, **params: Any) -> Any:
         model = type(self)(**{**self.get_params(), **params})
         model.coef_ = self.coef_.copy()
         model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
         model.config_choice_ = copy.deepcopy(getattr(self, "config_choice_", {}))
+        model.machine_host_ = copy.deepcopy(getattr(self, "machine_host_", {}))
         model.n_features_in_ = self.n_features_in_
         return model
 
@@ -172,6 +226,7 @@ class ConfigCoefficientSets(StepTimeModel):
         model = self._copy_fitted()
         for key, idx in X.groupby("config_key", sort=True).indices.items():
             model._apply(str(key), self._select(str(key), X.iloc[idx], y[idx]))
+        model._refresh_machine_factors()
         return model
 
     def with_config_sets(self, specialists: Any) -> Any:
@@ -186,14 +241,22 @@ class ConfigCoefficientSets(StepTimeModel):
                 model.config_coef_[key] = spec.config_coef_[key].copy()
             if key in getattr(spec, "config_choice_", {}):
                 model.config_choice_[key] = copy.deepcopy(spec.config_choice_[key])
+        model._refresh_machine_factors()
         return model
 
     def coefficients_for(self, config_key: str | None) -> np.ndarray:
-        """The coefficient set used for a configuration (global if not calibrated)."""
-        return self.config_coef_.get(str(config_key), self.coef_) if config_key else self.coef_
+        """The coefficient set used for a configuration: its own; the global set when it
+        was seen without one; never seen, the global set with its machine's host factor
+        on the host terms."""
+        if not config_key:
+            return self.coef_
+        if str(config_key) in self.config_coef_:
+            return self.config_coef_[str(config_key)]
+        factor = self.machine_factor_for(str(config_key))
+        return self.coef_ if factor == 1.0 else self._terms_host_scaled(self.coef_, factor)
 
     def predict(self, X: pd.DataFrame) -> np.ndarray:
-        if "config_key" not in X or not self.config_coef_:
+        if "config_key" not in X or not (self.config_coef_ or getattr(self, "machine_host_", {})):
             return self._predict_with(X, self.coef_)
         out = np.empty(len(X))
         for key, idx in X.groupby("config_key", sort=False).indices.items():
@@ -207,23 +270,37 @@ class ConfigCoefficientSets(StepTimeModel):
                 "calibration": self._calibration_block()}
 
     def _calibration_block(self) -> dict[str, Any]:
+        host = self._offers_host()
+        names = np.asarray(list(self.features), dtype=object)
         return calibration_block(self.config_bound, self.config_prior_steps,
-                                 self.config_selection, getattr(self, "config_choice_", {}))
+                                 self.config_selection, getattr(self, "config_choice_", {}),
+                                 host_terms=(list(names[self._host_terms_mask()]) if host
+                                             else None),
+                                 machines=getattr(self, "machine_host_", {}))
 
     def _restore_sets(self, data: dict[str, Any]) -> None:
         self.coef_ = coefficient_values(data["global"])
         self.config_coef_ = {k: coefficient_values(v) for k, v in data["per_config"].items()}
         self.config_choice_ = restore_choices(data)
+        self.machine_host_ = restore_machine_factors(data)
         self.n_features_in_ = len(self.features)
 
 
 def calibration_block(kappa: float, prior_steps: float, selection: str,
-                      choices: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                      choices: dict[str, dict[str, Any]], host_terms: Sequence[str] | None = None,
+                      machines: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The serialised record of how a model chose its per-configuration terms
     (``coefficients.json`` → ``model.calibration``): the method and, per configuration,
-    the candidates' CV errors, the choice and the terms that moved."""
-    return {"method": method(kappa, prior_steps, selection),
-            "per_config": records_to_dict(choices)}
+    the candidates' CV errors, the choice and the terms that moved. A family with a host
+    part (``host_terms``: the terms h multiplies) adds ``machine_host_factors`` (machine →
+    factor and the host effect of each of its configurations): the factor a
+    configuration never seen on that machine predicts with."""
+    out = {"method": method(kappa, prior_steps, selection, host=host_terms is not None),
+           "per_config": records_to_dict(choices)}
+    if host_terms is not None:
+        out["host_terms"] = list(host_terms)
+        out["machine_host_factors"] = copy.deepcopy(dict(machines or {}))
+    return out
 
 
 def restore_choices(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -231,3 +308,11 @@ def restore_choices(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     calibration record existed)."""
     block = data.get("calibration") or {}
     return copy.deepcopy(dict(block.get("per_config") or {}))
+
+
+def restore_machine_factors(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``machine_host_`` from a serialised model: empty for releases made before machine
+    host factors existed — they predict every configuration never seen with the global
+    terms, as they did (nothing is recomputed on load, so every reader agrees)."""
+    block = data.get("calibration") or {}
+    return copy.deepcopy(dict(block.get("machine_host_factors") or {}))

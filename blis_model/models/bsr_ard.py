@@ -13,13 +13,17 @@ evidence re-maximised; the final mean is the non-negative MAP, so BLIS gets β �
 Predictive uncertainty per step: std = √(ŷ²/λ + xᵀΣx) µs (``predict(X, return_std=True)``).
 Per configuration (``fit`` on donors, ``calibrate`` on a target), the choice of
 ``models.config_terms``: the reference posterior (pooled, or the configuration's own),
-one scale on it (mean × s, covariance × s²), or a conjugate update whose prior is the
+one host factor on it (the overhead-kind entries of the mean × h, the covariance
+D·Σ·D with D = diag(h on those entries, 1 elsewhere)), one scale on it (mean × s,
+covariance × s²), or a conjugate update whose prior is the
 pooled posterior worth a few multiples of ``config_prior_steps`` steps (features the
 donors never exercised — all-zero columns — get an independent prior at their prior
 mean), or the configuration's own posterior when it is already known (sequential Bayes,
 its precision scaled the same way); the posterior mean (the non-negative MAP) keeps
 every coefficient within its physical range around the pooled mean (bounds of the
-solver).
+solver). A configuration never seen predicts with the pooled posterior host-scaled by
+its machine's factor (``config_terms``, *Machine host factors*); that is also the prior
+its calibration's updates start from.
 
 :func:`transfer_check` applies the z-score rule (:class:`TransferCheck`) to a base model
 and a few target steps.
@@ -43,13 +47,18 @@ from blis_model.models.base import (
     coefficient_table,
     coefficient_values,
     design,
+    host_mask,
+    host_scaling,
     restore_choices,
+    restore_machine_factors,
     target,
 )
 from blis_model.models.config_terms import (
     KAPPA,
     Selection,
     column_scale,
+    machine_factor,
+    machine_host_factors,
     select_terms,
     term_bounds,
 )
@@ -110,7 +119,10 @@ class BSRARD(StepTimeModel):
         steps; unseen features get an independent prior at their prior mean worth the
         same number of steps) — or, when ``reference`` is the configuration's own
         posterior, of that posterior (sequential Bayes; its precision × ``prior_steps`` /
-        ``config_prior_steps``). The mean stays in the physical ranges (bounds)."""
+        ``config_prior_steps``). The mean stays in the physical ranges (bounds). A pooled
+        reference host-scaled by a machine factor m (:meth:`machine_factor_for` of the
+        steps' configuration) is the pooled posterior transformed the same way: mean
+        with its host entries × m, precision ÷ m² on them."""
         free = self.keep_ | self.unseen_
         held = [n for n, f in zip(self.features, free, strict=True) if not f]
         stats = relative_stats(columns_fn(X, self.config_features), y,
@@ -123,10 +135,11 @@ class BSRARD(StepTimeModel):
         else:
             kept = np.flatnonzero(self.keep_[free])
             unseen = np.flatnonzero(self.unseen_[free])
-            prior_mean = self.coef_[free]
+            prior_mean = reference[0][free]
+            d = self._host_scaling(self._machine_of_steps(X))[free][kept]
             prior_prec = np.zeros((int(free.sum()), int(free.sum())))
-            prior_prec[np.ix_(kept, kept)] = self.precision_ * (prior_steps
-                                                                / max(self.n_train_, 1.0))
+            prior_prec[np.ix_(kept, kept)] = (self.precision_ / np.outer(d, d)
+                                              * (prior_steps / max(self.n_train_, 1.0)))
             scale = stats.column_scale[unseen]
             prior_prec[unseen, unseen] = lam * prior_steps * np.where(scale > 0, scale, 1.0) ** 2
         H = lam * stats.gram + prior_prec
@@ -144,7 +157,8 @@ class BSRARD(StepTimeModel):
         cov = np.zeros((int(free.sum()), int(free.sum())))
         kept = np.flatnonzero(self.keep_[free])
         cov[np.ix_(kept, kept)] = self.sigma_  # unseen features: no variance, as pooled
-        return self.coef_.copy(), cov, False
+        d = self._host_scaling(self.machine_factor_for(key))
+        return self.coef_ * d, cov * np.outer(d[free], d[free]), False
 
     def _terms_predict(self, X: pd.DataFrame, terms: Posterior) -> np.ndarray:
         return linear_predict(X, self.features, terms[0])
@@ -156,6 +170,45 @@ class BSRARD(StepTimeModel):
 
     def _terms_scaled(self, terms: Posterior, factor: float) -> Posterior:
         return terms[0] * factor, terms[1] * factor * factor, True
+
+    # -- host cost: the overhead-kind entries (config_terms) ----------------------------
+    def _host_scaling(self, factor: float) -> np.ndarray:
+        """Per-feature multipliers: ``factor`` on the overhead-kind features, else 1."""
+        return host_scaling(host_mask(self.features), factor)
+
+    def _offers_host(self) -> bool:
+        return bool(host_mask(self.features).any())
+
+    def _terms_host_split(self, X: pd.DataFrame, terms: Posterior
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """(device µs, host µs) per step of a posterior mean (their sum: the prediction)."""
+        mask = host_mask(self.features)
+        return (linear_predict(X, self.features, np.where(mask, 0.0, terms[0])),
+                linear_predict(X, self.features, np.where(mask, terms[0], 0.0)))
+
+    def _terms_host_scaled(self, terms: Posterior, factor: float) -> Posterior:
+        """Host entries of the mean × h; covariance D·Σ·D (over ``config_features``)."""
+        d = self._host_scaling(factor)
+        free = self.keep_ | self.unseen_
+        return terms[0] * d, terms[1] * np.outer(d[free], d[free]), True
+
+    def _global_terms(self) -> Posterior:
+        return self._reference_terms("", pd.DataFrame())
+
+    def machine_factor_for(self, config_key: str | None) -> float:
+        """The host factor a configuration predicts with: its machine's when never seen,
+        else 1 (``config_terms.machine_factor``)."""
+        return machine_factor(getattr(self, "machine_host_", {}), self.config_choice_,
+                              config_key) if config_key else 1.0
+
+    def _machine_of_steps(self, X: pd.DataFrame) -> float:
+        """:meth:`machine_factor_for` the configuration of steps ``X`` (1 without one)."""
+        keys = X["config_key"].unique() if "config_key" in X else []
+        return self.machine_factor_for(str(keys[0])) if len(keys) == 1 else 1.0
+
+    def _refresh_machine_factors(self) -> None:
+        self.machine_host_: dict[str, dict[str, Any]] = (
+            machine_host_factors(self.config_choice_) if self._offers_host() else {})
 
     def _terms_vector(self, terms: Posterior) -> np.ndarray:
         return terms[0]
@@ -195,9 +248,11 @@ class BSRARD(StepTimeModel):
         self.config_coef_: dict[str, np.ndarray] = {}
         self.config_sigma_: dict[str, np.ndarray] = {}
         self.config_choice_: dict[str, dict[str, Any]] = {}
+        self.machine_host_ = {}  # every configuration's reference: the pooled posterior
         if self.per_config:
             for key, idx in config_groups(X).items():
                 self._apply(key, self._select(key, X.iloc[idx], y[idx]))
+        self._refresh_machine_factors()
         self.n_features_in_ = len(self.features)
         return self
 
@@ -212,6 +267,7 @@ class BSRARD(StepTimeModel):
         model.config_coef_ = {k: v.copy() for k, v in self.config_coef_.items()}
         model.config_sigma_ = {k: v.copy() for k, v in self.config_sigma_.items()}
         model.config_choice_ = copy.deepcopy(self.config_choice_)
+        model.machine_host_ = copy.deepcopy(getattr(self, "machine_host_", {}))
         model.n_features_in_ = self.n_features_in_
         return model
 
@@ -223,6 +279,7 @@ class BSRARD(StepTimeModel):
         model = self._copy_fitted()
         for key, idx in config_groups(X).items():
             model._apply(key, self._select(key, X.iloc[idx], y[idx]))
+        model._refresh_machine_factors()
         return model
 
     # -- prediction ---------------------------------------------------------------------
@@ -233,7 +290,12 @@ class BSRARD(StepTimeModel):
         key = str(config_key)
         if key in self.config_coef_:
             return self.config_coef_[key], self.config_sigma_[key], self.config_features
-        return self.coef_, self.sigma_, self.selected_features
+        factor = self.machine_factor_for(config_key)
+        if factor == 1.0:
+            return self.coef_, self.sigma_, self.selected_features
+        d = self._host_scaling(factor)
+        cov = self.sigma_ * np.outer(d[self.keep_], d[self.keep_])
+        return self.coef_ * d, cov, self.selected_features
 
     def predict(self, X: pd.DataFrame, return_std: bool = False
                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -267,8 +329,12 @@ class BSRARD(StepTimeModel):
             "per_config": {k: {"coefficients": coefficient_table(self.features, v),
                                "covariance": self.config_sigma_[k].tolist()}
                            for k, v in sorted(self.config_coef_.items())},
-            "calibration": calibration_block(self.config_bound, self.config_prior_steps,
-                                             self.config_selection, self.config_choice_),
+            "calibration": calibration_block(
+                self.config_bound, self.config_prior_steps, self.config_selection,
+                self.config_choice_, machines=getattr(self, "machine_host_", {}),
+                host_terms=([n for n, h in zip(self.features, host_mask(self.features),
+                                               strict=True) if h]
+                            if self._offers_host() else None)),
         }
 
     @classmethod
@@ -294,6 +360,7 @@ class BSRARD(StepTimeModel):
         model.config_sigma_ = {key: np.asarray(v["covariance"], dtype=np.float64).reshape(f, f)
                                for key, v in data["per_config"].items()}
         model.config_choice_ = restore_choices(data)
+        model.machine_host_ = restore_machine_factors(data)
         model.n_features_in_ = len(model.features)
         return model
 

@@ -24,6 +24,14 @@ held-out configuration's mean |score| to a·(1 + γ·d) — when they span at le
 novelties; otherwise (every held-out configuration as near its donors as the others) the
 data cannot tell and γ is ``widening_prior`` (1: one new axis doubles the spread).
 A configuration of the training data (or calibrated on) has d = 0.
+
+**Machine host factors do not narrow intervals.** A configuration never seen on a
+machine with calibrated configurations predicts with that machine's host factor
+(``config_terms``, *Machine host factors*); its novelty is unchanged — the ``gpu`` axis
+still compares descriptors with the nearest donor, since the factor was learnt from
+OTHER configurations of the machine — and the out-of-experiment scores are those of the
+estimator as it predicts a configuration never seen (with the factors its donors give),
+so the interval reflects how well that zero-shot works, nothing tighter.
 """
 
 from __future__ import annotations

@@ -15,11 +15,14 @@ Fitting backfits base and donor configuration terms (``n_backfit`` rounds), then
 normalises each γ_g to a step-weighted geometric mean of 1, so a configuration never
 seen predicts with γ = 1, δ = 0. The released (γ_c, δ_c) of every configuration — of a
 fresh fit and of ``calibrate`` on a target — are the choice of ``models.config_terms``
-against the fixed base: none (γ = 1, δ = 0, or the base release's terms), one scale
-(γ_g = δ-scale = s), or (γ, δ) shrunk toward the reference with priors worth a few
-multiples of ``config_prior_steps`` / ``residual_prior_steps`` steps — a few
-parameters, so a few dozen target steps suffice — with γ in [1/κ, κ] and each δ at most
-what would alone take the whole step (bounds of the solver).
+against the fixed base: none (γ = 1, δ = 0, or the base release's terms), one host
+factor h (with ``scale_groups="kind"``: the overheads group γ_cpu and the overhead-kind
+residuals δ × h, the GPU group kept), one scale (γ_g = δ-scale = s), or (γ, δ) shrunk
+toward the reference with priors worth a few multiples of ``config_prior_steps`` /
+``residual_prior_steps`` steps — a few parameters, so a few dozen target steps suffice —
+with γ in [1/κ, κ] and each δ at most what would alone take the whole step (bounds of
+the solver). A configuration never seen predicts with γ_cpu = its machine's host factor
+(``config_terms``, *Machine host factors*), γ_gpu = 1, δ = 0.
 :func:`learning_curve` measures error against the number of target steps.
 """
 
@@ -42,11 +45,22 @@ from blis_model.models.base import (
     coefficient_values,
     correction_mask,
     design,
+    host_mask,
+    host_scaling,
     priors,
     restore_choices,
+    restore_machine_factors,
     target,
 )
-from blis_model.models.config_terms import KAPPA, Selection, column_scale, select_terms, term_bounds
+from blis_model.models.config_terms import (
+    KAPPA,
+    Selection,
+    column_scale,
+    machine_factor,
+    machine_host_factors,
+    select_terms,
+    term_bounds,
+)
 from blis_model.models.linear import config_groups, linear_predict, relative_stats
 from blis_model.models.solvers import RelativeGram, bounded_ridge, nonneg_ridge
 
@@ -189,10 +203,12 @@ class HFDTL(StepTimeModel):
         self.config_scale_: dict[str, np.ndarray] = {}
         self.config_residual_: dict[str, np.ndarray] = {}
         self.config_choice_: dict[str, dict[str, Any]] = {}
+        self.machine_host_: dict[str, dict[str, Any]] = {}  # references: the neutral terms
         self.n_features_in_ = len(self.features)
         # the released terms: each configuration's choice against the final base
         for key, idx in groups.items():
             self._apply(key, self._select(key, X.iloc[idx], y[idx]))
+        self._refresh_machine_factors()
         return self
 
     def _copy_fitted(self) -> HFDTL:
@@ -201,6 +217,7 @@ class HFDTL(StepTimeModel):
         model.config_scale_ = {k: v.copy() for k, v in self.config_scale_.items()}
         model.config_residual_ = {k: v.copy() for k, v in self.config_residual_.items()}
         model.config_choice_ = copy.deepcopy(self.config_choice_)
+        model.machine_host_ = copy.deepcopy(getattr(self, "machine_host_", {}))
         model.n_features_in_ = self.n_features_in_
         return model
 
@@ -212,6 +229,7 @@ class HFDTL(StepTimeModel):
         model = self._copy_fitted()
         for key, idx in config_groups(X).items():
             model._apply(key, self._select(key, X.iloc[idx], y[idx]))
+        model._refresh_machine_factors()
         return model
 
     # -- per-configuration terms (models.config_terms) ---------------------------------
@@ -248,6 +266,54 @@ class HFDTL(StepTimeModel):
         return (names, neutral_terms(len(self.group_names), len(self.residual_features)),
                 lower, upper)
 
+    # -- host cost: the overheads group and the host residuals (config_terms) ---------
+    def _host_group(self) -> int | None:
+        """Index of the overheads scale group (None with a single group)."""
+        names = self.group_names
+        return names.index("cpu") if "cpu" in names else None
+
+    def _offers_host(self) -> bool:
+        return self._host_group() is not None
+
+    def _terms_host_split(self, X: pd.DataFrame, terms: tuple[np.ndarray, np.ndarray]
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """(device µs, host µs) per step: γ_gpu·base_gpu + the correction-kind residuals,
+        γ_cpu·base_cpu + the overhead-kind residuals (their sum is the prediction)."""
+        gamma, delta = terms
+        parts = self._parts(X, self.coef_)
+        cpu = np.arange(len(gamma)) == self._host_group()
+        R = design(X, self.residual_features)
+        mask = host_mask(self.residual_features)
+        return (parts[:, ~cpu] @ gamma[~cpu] + R @ np.where(mask, 0.0, delta),
+                parts[:, cpu] @ gamma[cpu] + R @ np.where(mask, delta, 0.0))
+
+    def _terms_host_scaled(self, terms: tuple[np.ndarray, np.ndarray], factor: float
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        gamma = terms[0].copy()
+        gamma[self._host_group()] *= factor
+        return gamma, terms[1] * host_scaling(host_mask(self.residual_features), factor)
+
+    def _global_terms(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.ones(len(self.group_names)), np.zeros(len(self.residual_features))
+
+    def machine_factor_for(self, config_key: str | None) -> float:
+        """The host factor a configuration predicts with: its machine's when never seen,
+        else 1 (``config_terms.machine_factor``)."""
+        return machine_factor(getattr(self, "machine_host_", {}), self.config_choice_,
+                              config_key)
+
+    def _refresh_machine_factors(self) -> None:
+        self.machine_host_ = (machine_host_factors(self.config_choice_) if self._offers_host()
+                              else {})
+
+    def _host_term_names(self) -> list[str] | None:
+        """The terms a host factor multiplies (None without an overheads group)."""
+        if not self._offers_host():
+            return None
+        return ["scale/cpu"] + [f"residual/{n}" for n, h in
+                                zip(self.residual_features, host_mask(self.residual_features),
+                                    strict=True) if h]
+
     def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
         return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
                             self.config_selection)
@@ -260,14 +326,18 @@ class HFDTL(StepTimeModel):
 
     # -- prediction ---------------------------------------------------------------------
     def terms_for(self, config_key: str | None) -> tuple[np.ndarray, np.ndarray]:
-        """(γ per scale group, δ) of a configuration; (1, 0) when it was never seen."""
+        """(γ per scale group, δ) of a configuration: its own; (1, 0) when seen without
+        them; never seen, (1, 0) with γ_cpu = its machine's host factor."""
         key = str(config_key)
         if key in self.config_scale_:
             return self.config_scale_[key], self.config_residual_[key]
-        return np.ones(len(self.group_names)), np.zeros(len(self.residual_features))
+        factor = self.machine_factor_for(config_key) if config_key else 1.0
+        neutral = self._global_terms()
+        return neutral if factor == 1.0 else self._terms_host_scaled(neutral, factor)
 
     def predict(self, X: pd.DataFrame) -> np.ndarray:
-        known = {k: idx for k, idx in config_groups(X).items() if k in self.config_scale_}
+        known = {k: idx for k, idx in config_groups(X).items()
+                 if k in self.config_scale_ or self.machine_factor_for(k) != 1.0}
         if not known:
             return linear_predict(X, self.features, self.coef_)
         parts = self._parts(X, self.coef_)
@@ -309,7 +379,9 @@ class HFDTL(StepTimeModel):
             "base": coefficient_table(self.features, self.coef_),
             "per_config": per_config,
             "calibration": calibration_block(self.config_bound, self.config_prior_steps,
-                                             self.config_selection, self.config_choice_),
+                                             self.config_selection, self.config_choice_,
+                                             host_terms=self._host_term_names(),
+                                             machines=self.machine_host_),
         }
 
     @classmethod
@@ -324,6 +396,7 @@ class HFDTL(StepTimeModel):
                                for k, v in per.items()}
         model.config_residual_ = {k: coefficient_values(v["residual"]) for k, v in per.items()}
         model.config_choice_ = restore_choices(data)
+        model.machine_host_ = restore_machine_factors(data)
         model.n_features_in_ = len(model.features)
         return model
 

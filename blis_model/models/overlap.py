@@ -17,9 +17,12 @@ ratio: StepTime = w·c + (1−w)·g with w = c^p/(g^p + c^p) up to the p-norm's 
 Fit: non-negative least squares on relative error (scipy ``least_squares``, analytic
 Jacobian, cost linear in rows), ridge toward the prior on the GPU corrections; a global
 set plus, per configuration, the choice of ``models.config_terms`` (the global set, one
-scale on it — the smooth max is homogeneous of degree 1, so scaling both experts scales
-the step — or its own set shrunk toward the global one), every coefficient inside its
-physical range as bounds of the solver.
+factor h on the CPU expert — the host: the step is (g^p + (h·c)^p)^(1/p), h by a bounded
+one-dimensional minimisation of the relative error —, one scale on it — the smooth max
+is homogeneous of degree 1, so scaling both experts scales the step — or its own set
+shrunk toward the global one), every coefficient inside its physical range as bounds of
+the solver. A configuration never seen predicts with the global set whose CPU expert is
+× its machine's host factor (``config_terms``, *Machine host factors*).
 """
 
 from __future__ import annotations
@@ -172,6 +175,21 @@ class Overlap(ConfigCoefficientSets):
         G, C = design(X, self.gpu_features), design(X, self.cpu_features)
         penalty = np.full(len(self.coef_), float(prior_steps))
         return self._solve(G, C, y, reference, penalty, reference, self._bounds(X, y))
+
+    # -- host cost: the CPU expert (config_terms) ---------------------------------------
+    def _host_terms_mask(self) -> np.ndarray:
+        """The CPU expert's coefficients are the host terms."""
+        k, m = len(self.gpu_features), len(self.cpu_features)
+        return np.concatenate([np.zeros(k, dtype=bool), np.ones(m, dtype=bool)])
+
+    def _terms_host_split(self, X: pd.DataFrame, terms: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """(GPU expert µs, CPU expert µs) per step."""
+        tg, tc = self._split(terms)
+        return design(X, self.gpu_features) @ tg, design(X, self.cpu_features) @ tc
+
+    def _terms_host_combine(self, device: np.ndarray, host: np.ndarray) -> np.ndarray:
+        return overlap_time(device, host, self.power)
 
     # -- prediction ---------------------------------------------------------------------
     def _predict_with(self, X: pd.DataFrame, coef: np.ndarray) -> np.ndarray:

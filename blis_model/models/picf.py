@@ -7,12 +7,16 @@ ridge-regularised toward the physical prior (corrections = 1, overheads free).
 Two levels: a *global* coefficient set fit on all experiments pooled (features are
 already hardware-normalised, so corrections transfer across GPUs), and per
 *configuration* (``config_key``) the choice of ``models.config_terms``: the global set,
+one factor on its host terms (the overheads: µs per launch / layer / request / step),
 one scale on it, or its own set shrunk toward the global one with a prior worth a few
 multiples of ``config_prior_steps`` pseudo-observations, each coefficient within its
 physical range — chosen by time-ordered cross-validation on the configuration's steps.
 PICF does the whole choice from per-block sufficient statistics
-(:func:`block_statistics`), so fits from shard statistics select exactly as fits on
-frames. ``predict`` uses a configuration's own set when it has one, else the global set.
+(:func:`block_statistics`; the host factor in closed form,
+``config_terms.host_from_stats``), so fits from shard statistics select exactly as fits
+on frames. ``predict`` uses a configuration's own set when it has one, the global set
+when it was seen without one, and for a configuration never seen the global set with
+its machine's host factor (``config_terms``, *Machine host factors*).
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from blis_model.models.config_terms import (
     check_selection,
     choose,
     cv_folds,
+    host_from_stats,
     moved_terms,
     msre_from_stats,
     record,
     scale_from_stats,
+    share_ratio,
     term_bounds,
     time_blocks,
 )
@@ -96,28 +102,36 @@ class PICF(ConfigCoefficientSets):
         reference = np.array(self.coefficients_for(key), dtype=np.float64, copy=True)
         total = sum(blocks[1:], blocks[0])
         steps = int(round(total.sum_w))
-        cands = candidates(self.config_prior_steps)
+        host = self._offers_host()
+        cands = candidates(self.config_prior_steps, host=host)
+        mask = self._host_terms_mask()
+        device, host_part = np.where(mask, 0.0, reference), np.where(mask, reference, 0.0)
+        kept = reference if self.machine_factor_for(key) != 1.0 else None
         if check_selection(self.config_selection) == "terms":
             fixed = Candidate("terms", float(self.config_prior_steps))
             coef = self.terms_from_stats(total, reference, float(self.config_prior_steps))
             rec = record(steps, [], {}, [fixed], fixed, "config_selection='terms'")
-            return Selection(fixed, coef, self._with_moved(rec, coef, total))
+            return Selection(fixed, coef, self._complete(key, rec, coef, reference, total))
         folds, guard_fold = cv_folds([b.sum_w for b in blocks])
         if len(folds) < 2:
             rec = record(steps, folds, {}, cands, cands[0],
                          f"too few steps for time-ordered cross-validation ({steps}): "
                          "the reference terms are kept")
-            return Selection(cands[0], None, rec)
+            return Selection(cands[0], kept, self._complete(key, rec, kept, reference, total))
 
         def fold_errors(fold: Fold) -> dict[str, float]:
             train = sum((blocks[b] for b in fold[0][1:]), blocks[fold[0][0]])
             valid = blocks[fold[1]]
             out = {"none": msre_from_stats(valid, reference)}
+            if host:
+                h = host_from_stats(train, device, host_part, self.config_bound)
+                out["host"] = msre_from_stats(valid, device + h * host_part)
             s = scale_from_stats(train, reference, self.config_bound)
             out["scale"] = msre_from_stats(valid, s * reference)
-            for c in cands[2:]:
-                coef = self.terms_from_stats(train, reference, float(c.prior_steps))
-                out[c.label] = msre_from_stats(valid, coef)
+            for c in cands:
+                if c.kind == "terms":
+                    coef = self.terms_from_stats(train, reference, float(c.prior_steps))
+                    out[c.label] = msre_from_stats(valid, coef)
             return out
 
         per_fold = [fold_errors(f) for f in folds]
@@ -125,20 +139,34 @@ class PICF(ConfigCoefficientSets):
         guard = fold_errors(guard_fold) if guard_fold is not None else None
         label, reason = choose(errors, [c.label for c in cands], guard=guard)
         chosen = next(c for c in cands if c.label == label)
-        coef, s = None, None
+        coef, s, h = kept, None, None
         if chosen.kind == "scale":
             s = scale_from_stats(total, reference, self.config_bound)
             coef = s * reference
+        elif chosen.kind == "host":
+            h = host_from_stats(total, device, host_part, self.config_bound)
+            coef = device + h * host_part
         elif chosen.kind == "terms":
             coef = self.terms_from_stats(total, reference, float(chosen.prior_steps))
-        rec = record(steps, folds, errors, cands, chosen, reason, s, guard)
-        return Selection(chosen, coef, self._with_moved(rec, coef, total))
+        rec = record(steps, folds, errors, cands, chosen, reason, s, guard, h)
+        return Selection(chosen, coef, self._complete(key, rec, coef, reference, total))
 
-    def _with_moved(self, rec: dict[str, Any], coef: np.ndarray | None, stats: RelativeGram
-                    ) -> dict[str, Any]:
+    def _complete(self, key: str, rec: dict[str, Any], coef: np.ndarray | None,
+                  reference: np.ndarray, stats: RelativeGram) -> dict[str, Any]:
+        """The record with the terms that moved, the host effect (host share of the
+        steps, Σ host/duration, over the global set's) and the machine factor the
+        reference carried (as ``config_terms`` completes it from frames)."""
         lower, upper = term_bounds(self.coef_, stats.column_scale, self.config_bound)
         rec["moved"] = ([] if coef is None else
                         moved_terms(list(self.features), self.coef_, coef, lower, upper))
+        if self._offers_host():
+            mask = self._host_terms_mask()
+            terms = reference if coef is None else coef
+            rec["host_effect"] = share_ratio(np.where(mask, terms, 0.0) @ stats.moment,
+                                             np.where(mask, self.coef_, 0.0) @ stats.moment,
+                                             stats.sum_w)
+            if self.machine_factor_for(key) != 1.0:
+                rec["machine_host_factor"] = self.machine_factor_for(key)
         return rec
 
     def fit(self, X: pd.DataFrame, y: Any = None) -> PICF:
@@ -167,11 +195,13 @@ class PICF(ConfigCoefficientSets):
         from frames; the scale path sums shard statistics): ``coef_`` must be set."""
         self.config_coef_ = {}
         self.config_choice_ = {}
+        self.machine_host_ = {}  # every configuration's reference: the global set
         if self.per_config:
             for key in sorted(per_config):
                 blocks = per_config[key]
                 if sum(b.sum_w for b in blocks) > 0:
                     self._apply(key, self.select_from_blocks(key, blocks))
+        self._refresh_machine_factors()
         return self
 
     # -- serialisation ------------------------------------------------------------------

@@ -124,10 +124,14 @@ def label(frame: pd.DataFrame, features: Sequence[str], beta: np.ndarray,
 
 def synthetic_frame(n_steps: int, seed: int = 0, configs: Sequence[SyntheticConfig] = CONFIGS,
                     noise: float = 0.05, features: Sequence[str] = PHYSICS_FEATURES,
-                    multipliers: dict[str, float] | None = None) -> pd.DataFrame:
-    """A feature frame of ``n_steps`` steps spread over ``configs`` (one experiment each)."""
+                    multipliers: dict[str, float] | None = None, host_multiplier: float = 1.0
+                    ) -> pd.DataFrame:
+    """A feature frame of ``n_steps`` steps spread over ``configs`` (one experiment each);
+    ``host_multiplier`` multiplies the truth's host-time (overhead-kind) coefficients — a
+    machine whose CPU and driver launch slower (> 1) or faster."""
     rng = np.random.default_rng(seed)
-    beta = true_coefficients(features)
+    host = np.array([REGISTRY[n].kind == "overhead" for n in features], dtype=bool)
+    beta = true_coefficients(features) * np.where(host, float(host_multiplier), 1.0)
     frames = []
     sizes = np.diff(np.linspace(0, n_steps, len(configs) + 1).astype(int))
     for cfg, n in zip(configs, sizes, strict=True):

@@ -2,7 +2,10 @@
 
 ``write_golden(out_dir)`` fits one small release per model family on a deterministic
 synthetic corpus (``models.synthetic``: dense and MoE models, TP 1–4, FP8, four GPUs),
-writes each release's BLIS-facing files (``coefficients.json``, ``hardware_config.json``,
+calibrates it on one configuration of a machine the corpus lacks (H200) whose host cost
+runs :data:`CALIBRATION_HOST` × the corpus's (so the release holds a machine host factor
+that a configuration never seen on H200 predicts with), writes each release's
+BLIS-facing files (``coefficients.json``, ``hardware_config.json``,
 ``model_configs/<name>/config.json``) under ``out_dir/releases/<family>/`` and one
 versioned file ``out_dir/golden_v1.json`` of cases: (release, deployment, batch) →
 the step time the Python library predicts, µs — plus quantiles (RECE, Hybrid) and the
@@ -46,7 +49,7 @@ from blis_model.ingest.steps import COMPOSITION_COLUMNS, StepTableBuilder
 from blis_model.models.base import StepTimeModel
 from blis_model.models.registry import FAMILIES as REGISTERED_FAMILIES
 from blis_model.models.registry import make_model, model_from_dict
-from blis_model.models.synthetic import synthetic_frame
+from blis_model.models.synthetic import SyntheticConfig, synthetic_frame
 from blis_model.releases.build import blis_model_config_name, dumps_json
 from blis_model.releases.files import COEFFICIENTS, HARDWARE_CONFIG, MANIFEST, MODEL_CONFIGS
 from blis_model.releases.files import SCHEMA as RELEASE_SCHEMA
@@ -61,6 +64,12 @@ evaluator must load (its golden test fails on a family it does not support)."""
 FAMILY_PARAMS: dict[str, dict[str, Any]] = {"hybrid": {"quantiles": (0.5, 0.9, 0.99)}}
 TRAIN_STEPS = 1500  # synthetic steps the golden releases are fit on
 TRAIN_SEED = 0
+CALIBRATION_CONFIG = SyntheticConfig("meta-llama/Llama-3.1-8B", "H200", 1)
+CALIBRATION_STEPS = 300
+CALIBRATION_HOST = 1.6
+"""The golden releases are then calibrated on :data:`CALIBRATION_STEPS` steps of
+:data:`CALIBRATION_CONFIG`, whose host-time coefficients are ``CALIBRATION_HOST`` × the
+synthetic truth's (a slower host)."""
 REQUEST_FIELDS: tuple[str, ...] = ("phase", "scheduled", "computed", "prompt",
                                    "blocks_allocated", "preemptions")
 
@@ -127,8 +136,10 @@ class Deployment:
                           hardware=hardware_spec(self.hardware), trace_url=None)
 
 
-# The five training configurations of models.synthetic (calibrated terms), then
-# configurations no release saw (global terms, RECE's embedding blend).
+# The five training configurations of models.synthetic (calibrated terms), the
+# configuration the releases are calibrated on (H200), then configurations no release saw
+# (global terms — with H200's machine host factor for the Qwen one —, RECE's embedding
+# blend).
 DEPLOYMENTS: tuple[Deployment, ...] = (
     Deployment("llama8b-h100-tp1", "meta-llama/Llama-3.1-8B", "H100", 1),
     Deployment("llama70b-h100-tp4", "meta-llama/Llama-3.1-70B-Instruct", "H100", 4),
@@ -136,6 +147,7 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
     Deployment("mixtral-h100-tp2", "mistralai/Mixtral-8x7B-v0.1", "H100", 2),
     Deployment("llama8bfp8-l40s-tp1", "RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8", "L40S", 1,
                2048, 64),
+    Deployment("llama8b-h200-tp1", "meta-llama/Llama-3.1-8B", "H200", 1),
     Deployment("unseen-mixtral-h100-tp1", "mistralai/Mixtral-8x7B-v0.1", "H100", 1),
     Deployment("unseen-llama8bfp8-h100-tp2", "RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8",
                "H100-SXM", 2, 4096, 128),
@@ -235,11 +247,14 @@ def batch_to_steps(requests: Sequence[Request], state: StepState = StepState()
 
 
 def fit_releases(families: Sequence[str] = FAMILIES) -> dict[str, dict[str, Any]]:
-    """coefficients.json content per family, fit on the deterministic synthetic corpus."""
+    """coefficients.json content per family, fit on the deterministic synthetic corpus
+    and calibrated on the H200 configuration (:data:`CALIBRATION_CONFIG`)."""
     frame = synthetic_frame(TRAIN_STEPS, seed=TRAIN_SEED)
+    target = synthetic_frame(CALIBRATION_STEPS, seed=TRAIN_SEED + 1,
+                             configs=[CALIBRATION_CONFIG], host_multiplier=CALIBRATION_HOST)
     out = {}
     for family in families:
-        model = make_model(family, **FAMILY_PARAMS.get(family, {})).fit(frame)
+        model = make_model(family, **FAMILY_PARAMS.get(family, {})).fit(frame).calibrate(target)
         projection = project_onto_blis(model, frame)
         out[family] = {"version": f"golden-{family}", "family": family,
                        "model": model.to_dict(),
@@ -280,6 +295,13 @@ def _predictions(model: StepTimeModel, frame: pd.DataFrame) -> dict[str, np.ndar
     return out
 
 
+def _machine_factor(model: StepTimeModel, config_key: str) -> float:
+    """The machine host factor the model predicts the configuration with (1 for a
+    family without a host part)."""
+    probe = getattr(model, "machine_factor_for", None)
+    return float(probe(config_key)) if callable(probe) else 1.0
+
+
 def build_golden(coefficients: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The golden document for releases given as coefficients.json contents."""
     batches = golden_batches()
@@ -313,6 +335,7 @@ def build_golden(coefficients: dict[str, dict[str, Any]]) -> dict[str, Any]:
                         "config_key": config_keys[dep.name],
                         "calibrated": config_keys[dep.name] in coef["model"]["per_config"],
                         "calibration_choice": None if record is None else record["choice"],
+                        "machine_host_factor": _machine_factor(model, config_keys[dep.name]),
                         "alphas": alphas}
                 case.update({k: float(v[i]) for k, v in preds.items()})
                 cases.append(case)

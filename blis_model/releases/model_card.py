@@ -275,10 +275,12 @@ def _section_calibration(coefficients: Mapping[str, Any]) -> list[str]:
     out = ["## Per-configuration calibration", "",
            f"Choice of each configuration's terms: {method.get('rule', '')}. Candidates: "
            + ", ".join(f"`{c}`" for c in method.get("candidates", []))
-           + " (`none`: the global or base terms unchanged; `scale`: one factor on the whole "
-           "prediction; `terms@λ`: the configuration's own terms shrunk toward the reference "
-           "with a prior worth λ steps). CV error: RMS relative error of each candidate on "
-           "the validation blocks, %.", ""]
+           + " (`none`: the global or base terms unchanged; `host`: one factor on the "
+           "host-time terms only — the overheads, µs per kernel launch / layer / request / "
+           "step, paid by the machine's CPU and driver — the device terms kept; `scale`: one "
+           "factor on the whole prediction; `terms@λ`: the configuration's own terms shrunk "
+           "toward the reference with a prior worth λ steps). CV error: RMS relative error "
+           "of each candidate on the validation blocks, %.", ""]
     out += [f"Physical ranges: {method.get('bounds', '')}, κ = {_num(kappa)}." if kappa
             else "Physical ranges: none (κ = ∞).", ""]
     labels = [str(c) for c in method.get("candidates", [])]
@@ -288,11 +290,13 @@ def _section_calibration(coefficients: Mapping[str, Any]) -> list[str]:
     rows = []
     for key, rec in sorted(per.items()):
         cv = {c["candidate"]: c.get("cv_rmsre_pct") for c in rec.get("candidates", [])}
-        choice = rec["choice"] + (f" (×{rec['scale']:.3g})" if rec.get("scale") else "")
+        factor = rec.get("scale") or rec.get("host_factor")
+        choice = rec["choice"] + (f" (×{factor:.3g})" if factor else "")
         rows.append([f"`{key}`", rec.get("steps"), rec.get("folds"),
                      *(_num(cv.get(c)) for c in labels), f"**{choice}**", rec.get("reason", "")])
     out += [*_table(["configuration", "steps", "folds", *(f"CV {c}" for c in labels),
                      "choice", "why"], rows), ""]
+    out += _machine_host_factors(block)
     for key, rec in sorted(per.items()):
         moved = rec.get("moved") or []
         if not moved:
@@ -306,6 +310,31 @@ def _section_calibration(coefficients: Mapping[str, Any]) -> list[str]:
                           _range(m["range"]), f"⚠ {m['at_bound']}" if m.get("at_bound") else ""]
                          for m in moved]), ""]
     return out
+
+
+def _machine_host_factors(block: Mapping[str, Any]) -> list[str]:
+    """The machine host factors (``model.calibration.machine_host_factors``): per machine
+    (the GPU field of a configuration key), the factor a configuration never seen there
+    predicts with on the host-time terms, from the host effects of its configurations."""
+    machines = block.get("machine_host_factors")
+    if machines is None:
+        return []
+    terms = ", ".join(f"`{t}`" for t in block.get("host_terms") or [])
+    out = ["### Machine host factors", "",
+           "Host cost belongs to the machine (CPU, driver), not to the GPU's datasheet. An "
+           "exp-config names no host, so the GPU of a configuration key stands for the "
+           "machine it was measured on. A configuration never seen on a machine predicts "
+           f"with the global terms whose host-time terms ({terms}) are × that machine's "
+           "factor: the median host effect (host share of the steps under a "
+           "configuration's terms over the global terms') of its configurations, or 1 when "
+           "that median is within one standard error of 1.", ""]
+    if not machines:
+        return out + ["No machine has configurations with a known host effect.", ""]
+    rows = [[m, _num(e.get("factor"), 3), _num(e.get("median"), 3),
+             _num(e.get("standard_error"), 3),
+             len(e.get("configurations") or {})] for m, e in sorted(machines.items())]
+    return out + [*_table(["machine", "factor", "median effect", "standard error (log)",
+                           "configurations"], rows), ""]
 
 
 def _section_blis(m: Mapping[str, Any], coefficients: Mapping[str, Any]) -> list[str]:

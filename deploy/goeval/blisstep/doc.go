@@ -3,7 +3,8 @@
 //
 // LoadRelease reads a release folder (coefficients.json, model_configs/); NewEvaluator
 // resolves a deployment's model shape, GPU and coefficient set (the terms calibrated on
-// its configuration key, else the global ones or RECE's embedding blend); StepTime,
+// its configuration key, else the global ones — with its machine's host factor on their
+// host-time terms when the release holds one — or RECE's embedding blend); StepTime,
 // Quantile, StepTimeStd and Alpha0..Alpha2 answer BLIS's questions in µs. Features,
 // aggregation and routing mirror the Python library to 1e-9 relative (golden vectors
 // in testdata/, written by `python -m blis_model.releases.golden_vectors deploy/goeval/testdata`).

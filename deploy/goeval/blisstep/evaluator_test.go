@@ -1,6 +1,7 @@
 package blisstep
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -191,5 +192,80 @@ func TestArchFromConfig(t *testing.T) {
 	}
 	if _, err = ParseArch([]byte(`{"hidden_size": 32}`), "m", ""); err == nil {
 		t.Error("missing layers must fail")
+	}
+}
+
+// A configuration the release never saw, on a machine with a calibrated configuration
+// (H200), runs on the global terms with that machine's host factor on their host-time
+// terms; the calibrated configuration itself runs on its own terms (factor 1); a machine
+// without a factor, or a release made before machine host factors, runs the global terms.
+func TestMachineHostFactors(t *testing.T) {
+	for _, fam := range []string{"picf", "overlap", "hfd_tl", "bsr_ard"} {
+		seen, g := goldenEvaluator(t, fam, "llama8b-h200-tp1")
+		if seen.Calibration == nil || seen.MachineHostFactor != 1 {
+			t.Errorf("%s: the calibrated H200 configuration: record %+v factor %v", fam,
+				seen.Calibration, seen.MachineHostFactor)
+		}
+		unseen, _ := goldenEvaluator(t, fam, "unseen-qwen7b-h200-tp1")
+		factors := unseen.Release.MachineHostFactors()
+		h200, ok := factors["H200"]
+		if !ok || unseen.MachineHostFactor != h200.Factor || unseen.Calibrated {
+			t.Fatalf("%s: unseen H200 configuration: factor %v, release %+v", fam,
+				unseen.MachineHostFactor, factors)
+		}
+		if _, ok := h200.Configurations[seen.ConfigKey]; !ok {
+			t.Errorf("%s: H200's factor does not list %s", fam, seen.ConfigKey)
+		}
+		// the same release without machine host factors (as released before them)
+		raw, err := os.ReadFile(filepath.Join(goldenDir, g.Releases[fam], "coefficients.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var doc map[string]interface{}
+		if err := json.Unmarshal(raw, &doc); err != nil {
+			t.Fatal(err)
+		}
+		cal := doc["model"].(map[string]interface{})["calibration"].(map[string]interface{})
+		delete(cal, "machine_host_factors")
+		delete(cal, "host_terms")
+		old, err := json.Marshal(doc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rel, err := ParseCoefficients(old)
+		if err != nil {
+			t.Fatalf("%s: a release without machine host factors must load: %v", fam, err)
+		}
+		d := g.deployment("unseen-qwen7b-h200-tp1")
+		d.ModelConfig, err = os.ReadFile(filepath.Join(goldenDir, g.Releases[fam], "model_configs",
+			ModelConfigName(d.Model), "config.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		plain, err := rel.NewEvaluator(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := g.batch(t, "decode_64")
+		if plain.MachineHostFactor != 1 || rel.MachineHostFactors() != nil {
+			t.Errorf("%s: no factors, yet factor %v", fam, plain.MachineHostFactor)
+		}
+		if h200.Factor != 1 && plain.StepTime(b) == unseen.StepTime(b) {
+			t.Errorf("%s: the machine host factor %v changes nothing", fam, h200.Factor)
+		}
+	}
+}
+
+func TestMachineOf(t *testing.T) {
+	if MachineOf("meta-llama/llama-3.1-8b|H200|tp1|bf16|mnbt8192|mns256") != "H200" ||
+		MachineOf("t") != "" {
+		t.Error("the machine is the second field of a configuration key")
+	}
+	bad := `{"family": "picf", "model": {"features": ["step_overhead"],
+		"global": [{"feature": "step_overhead", "value": 1}], "per_config": {},
+		"calibration": {"per_config": {}, "machine_host_factors": {"H200": {"factor": 0}}}},
+		"blis_projection": {"alpha_coeffs": [{"value": 1}, {"value": 2}, {"value": 3}]}}`
+	if _, err := ParseCoefficients([]byte(bad)); err == nil || !strings.Contains(err.Error(), "> 0") {
+		t.Errorf("a machine host factor of 0 must not load: %v", err)
 	}
 }

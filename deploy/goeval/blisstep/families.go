@@ -9,9 +9,11 @@ import (
 )
 
 // A family is a release's model as read from coefficients.json; resolve picks the
-// coefficient set of one configuration (calibrated terms, else global or blended).
+// coefficient set of one configuration (calibrated terms, else global or blended; the
+// global terms with host's factor on their host-time terms — a machine host factor — for
+// the families with a host part: picf, overlap, hfd_tl, bsr_ard).
 type family interface {
-	resolve(configKey string, consts map[string]float64) (familyModel, bool, error)
+	resolve(configKey string, consts map[string]float64, host hostScaling) (familyModel, bool, error)
 }
 
 // A familyModel is one configuration's resolved model.
@@ -111,6 +113,16 @@ func table(rows []coefRow, names []string) (linear, error) {
 	return l, err
 }
 
+// hostScaled is the linear term with each coefficient × host's multiplier of its
+// feature (names in the term's order).
+func (l linear) hostScaled(names []string, host hostScaling) linear {
+	out := linear{ids: l.ids, coef: make([]float64, len(l.coef))}
+	for i, b := range l.coef {
+		out.coef[i] = b * host.of(names[i])
+	}
+	return out
+}
+
 func quantileKey(q float64) string {
 	return "p" + strconv.FormatFloat(q*100, 'g', 6, 64)
 }
@@ -138,6 +150,7 @@ func (noStd) std(Aggregates, Features) (float64, bool) { return 0, false }
 // -- PICF -----------------------------------------------------------------------------------
 
 type picf struct {
+	features  []string
 	global    linear
 	perConfig map[string]linear
 }
@@ -151,7 +164,7 @@ func parsePICF(raw json.RawMessage) (family, error) {
 	if err := json.Unmarshal(raw, &doc); err != nil {
 		return nil, err
 	}
-	m := &picf{perConfig: map[string]linear{}}
+	m := &picf{features: doc.Features, perConfig: map[string]linear{}}
 	var err error
 	if m.global, err = table(doc.Global, doc.Features); err != nil {
 		return nil, err
@@ -172,9 +185,12 @@ type linearModel struct {
 
 func (m *linearModel) predict(_ *Aggregates, f *Features) float64 { return m.l.eval(f) }
 
-func (m *picf) resolve(key string, _ map[string]float64) (familyModel, bool, error) {
+func (m *picf) resolve(key string, _ map[string]float64, host hostScaling) (familyModel, bool, error) {
 	if l, ok := m.perConfig[key]; ok {
 		return &linearModel{l: l}, true, nil
+	}
+	if host.applies() {
+		return &linearModel{l: m.global.hostScaled(m.features, host)}, false, nil
 	}
 	return &linearModel{l: m.global}, false, nil
 }
@@ -254,12 +270,24 @@ func (m *overlapModel) predict(_ *Aggregates, f *Features) float64 {
 	return top * math.Pow(math.Pow(g/top, m.power)+math.Pow(c/top, m.power), 1.0/m.power)
 }
 
-func (m *overlap) resolve(key string, _ map[string]float64) (familyModel, bool, error) {
+func (m *overlap) resolve(key string, _ map[string]float64, host hostScaling) (familyModel, bool, error) {
 	sets, ok := m.perConfig[key]
 	if !ok {
 		sets = m.global
+		if host.applies() { // the CPU expert is the host part
+			sets[1] = sets[1].hostScaled(m.cpu, hostScaling{Factor: host.Factor,
+				Terms: allOf(m.cpu)})
+		}
 	}
 	return &overlapModel{gpu: sets[0], cpu: sets[1], power: m.power}, ok, nil
+}
+
+func allOf(names []string) map[string]bool {
+	out := make(map[string]bool, len(names))
+	for _, n := range names {
+		out[n] = true
+	}
+	return out
 }
 
 // -- HFD-TL ---------------------------------------------------------------------------------
@@ -267,6 +295,7 @@ func (m *overlap) resolve(key string, _ map[string]float64) (familyModel, bool, 
 type hfdtl struct {
 	base      linear
 	groups    []linear // base split by scale group, in group order
+	cpuGroup  int      // index of the overheads group ("cpu"), -1 with a single group
 	residual  []string
 	perConfig map[string]hfdTerms
 }
@@ -307,7 +336,12 @@ func parseHFDTL(raw json.RawMessage) (family, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &hfdtl{residual: doc.Params.Residual, perConfig: map[string]hfdTerms{}}
+	m := &hfdtl{residual: doc.Params.Residual, perConfig: map[string]hfdTerms{}, cpuGroup: -1}
+	for gi, g := range names {
+		if g == "cpu" {
+			m.cpuGroup = gi
+		}
+	}
 	if m.base, err = table(doc.Base, doc.Features); err != nil {
 		return nil, err
 	}
@@ -358,9 +392,26 @@ func (m *hfdModel) predict(_ *Aggregates, f *Features) float64 {
 	return out + m.terms.residual.eval(f)
 }
 
-func (m *hfdtl) resolve(key string, _ map[string]float64) (familyModel, bool, error) {
+func (m *hfdtl) resolve(key string, _ map[string]float64, host hostScaling) (familyModel, bool, error) {
 	if t, ok := m.perConfig[key]; ok {
 		return &hfdModel{groups: m.groups, terms: t}, true, nil
+	}
+	if host.applies() { // γ = 1 but γ_cpu = the factor; δ = 0
+		if m.cpuGroup < 0 {
+			return nil, false, fmt.Errorf("a machine host factor needs the overheads " +
+				"scale group (scale_groups 'kind')")
+		}
+		t := hfdTerms{scale: make([]float64, len(m.groups))}
+		for gi := range t.scale {
+			t.scale[gi] = 1
+		}
+		t.scale[m.cpuGroup] = host.Factor
+		ids, err := ids(m.residual)
+		if err != nil {
+			return nil, false, err
+		}
+		t.residual = linear{ids: ids, coef: make([]float64, len(ids))}
+		return &hfdModel{groups: m.groups, terms: t}, false, nil
 	}
 	return &linearModel{l: m.base}, false, nil
 }
@@ -543,7 +594,7 @@ func (m *moleModel) predict(g *Aggregates, f *Features) float64 {
 	return out
 }
 
-func (m *molerd) resolve(key string, consts map[string]float64) (familyModel, bool, error) {
+func (m *molerd) resolve(key string, consts map[string]float64, _ hostScaling) (familyModel, bool, error) {
 	experts, ok := m.perConfig[key]
 	if !ok {
 		experts = m.global
@@ -565,6 +616,7 @@ type posterior struct {
 
 type bsrard struct {
 	noise     float64
+	features  []string
 	global    posterior
 	perConfig map[string]posterior
 }
@@ -599,7 +651,7 @@ func parseBSRARD(raw json.RawMessage) (family, error) {
 	if err := json.Unmarshal(raw, &doc); err != nil {
 		return nil, err
 	}
-	m := &bsrard{noise: doc.Noise.Value, perConfig: map[string]posterior{}}
+	m := &bsrard{noise: doc.Noise.Value, features: doc.Features, perConfig: map[string]posterior{}}
 	if !(m.noise > 0) {
 		return nil, fmt.Errorf("noise precision must be > 0")
 	}
@@ -678,12 +730,33 @@ func (m *bsrModel) std(_ Aggregates, f Features) (float64, bool) {
 	return predictiveStd(m.post.mean.eval(&f), m.noise, &m.post, &f), true
 }
 
-func (m *bsrard) resolve(key string, _ map[string]float64) (familyModel, bool, error) {
+func (m *bsrard) resolve(key string, _ map[string]float64, host hostScaling) (familyModel, bool, error) {
 	p, ok := m.perConfig[key]
 	if !ok {
 		p = m.global
+		if host.applies() {
+			p = m.hostScaled(host)
+		}
 	}
 	return &bsrModel{post: p, noise: m.noise}, ok, nil
+}
+
+// hostScaled is the pooled posterior with its host-time entries × the factor: mean
+// D·μ and covariance D·Σ·D with D = diag(factor on the host terms, 1 elsewhere).
+func (m *bsrard) hostScaled(host hostScaling) posterior {
+	out := posterior{mean: m.global.mean.hostScaled(m.features, host),
+		covered: m.global.covered, cov: make([]float64, len(m.global.cov))}
+	n := len(out.covered)
+	d := make([]float64, n)
+	for i, id := range out.covered {
+		d[i] = host.of(FeatureNames[id])
+	}
+	for i := 0; i < n; i++ {
+		for j := 0; j < n; j++ {
+			out.cov[i*n+j] = m.global.cov[i*n+j] * (d[i] * d[j])
+		}
+	}
+	return out
 }
 
 // -- Hybrid ---------------------------------------------------------------------------------
@@ -793,7 +866,7 @@ func (m *hybridModel) std(_ Aggregates, f Features) (float64, bool) {
 
 func (m *hybridModel) levels() []float64 { return m.hybrid.levels }
 
-func (m *hybrid) resolve(key string, _ map[string]float64) (familyModel, bool, error) {
+func (m *hybrid) resolve(key string, _ map[string]float64, _ hostScaling) (familyModel, bool, error) {
 	t, ok := m.perConfig[key]
 	return &hybridModel{hybrid: m, known: ok, terms: t}, ok, nil
 }
@@ -999,7 +1072,7 @@ func (m *receModel) quantile(_ Aggregates, f Features, q float64) (float64, erro
 
 func (m *receModel) levels() []float64 { return m.levelsQ }
 
-func (m *rece) resolve(key string, consts map[string]float64) (familyModel, bool, error) {
+func (m *rece) resolve(key string, consts map[string]float64, _ hostScaling) (familyModel, bool, error) {
 	model := &receModel{levelsQ: m.levels, order: make([]int, len(m.levels))}
 	for i := range model.order {
 		model.order[i] = i

@@ -175,6 +175,7 @@ func TestGoldenCases(t *testing.T) {
 	g := loadGolden(t)
 	evs := evaluators(t, g)
 	seen := map[string]bool{}
+	machineScaled := map[string]bool{} // families with a case on a machine host factor
 	for _, c := range g.Cases {
 		fam, dep, batch := c["release"].(string), c["deployment"].(string), c["batch"].(string)
 		seen[fam] = true
@@ -191,6 +192,12 @@ func TestGoldenCases(t *testing.T) {
 		if recorded != (e.Calibration != nil) || (recorded && e.Calibration.Choice != want) {
 			t.Errorf("%s: calibration record %+v, Python %v", where, e.Calibration,
 				c["calibration_choice"])
+		}
+		if want, ok := c["machine_host_factor"].(float64); !ok || e.MachineHostFactor != want {
+			t.Errorf("%s: machine host factor %v, Python %v", where, e.MachineHostFactor,
+				c["machine_host_factor"])
+		} else if want != 1 {
+			machineScaled[fam] = true
 		}
 		for i, a := range c["alphas"].([]interface{}) {
 			if e.Release.Alphas[i] != a.(float64) {
@@ -231,6 +238,11 @@ func TestGoldenCases(t *testing.T) {
 	for _, fam := range Families {
 		if !seen[fam] {
 			t.Errorf("no golden case of family %s", fam)
+		}
+	}
+	for _, fam := range []string{"picf", "hfd_tl", "bsr_ard"} {
+		if !machineScaled[fam] {
+			t.Errorf("no golden case of %s predicts with a machine host factor", fam)
 		}
 	}
 }

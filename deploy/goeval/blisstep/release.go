@@ -22,6 +22,37 @@ type Release struct {
 	// calibration is the choice of terms per configuration key (empty for releases
 	// made before the record existed).
 	calibration map[string]CalibrationRecord
+	// hostTerms are the terms a machine host factor multiplies; machineHost the factor
+	// per machine (both empty for releases made before machine host factors existed).
+	hostTerms   map[string]bool
+	machineHost map[string]MachineHost
+}
+
+// MachineHostFactors are the release's machine host factors by machine (the GPU field
+// of a configuration key; nil for releases without them).
+func (r *Release) MachineHostFactors() map[string]MachineHost {
+	if len(r.machineHost) == 0 {
+		return nil
+	}
+	out := make(map[string]MachineHost, len(r.machineHost))
+	for k, v := range r.machineHost {
+		out[k] = v
+	}
+	return out
+}
+
+// hostScalingFor is the host scaling of a configuration's global terms: its machine's
+// factor when the release never saw the configuration (no calibration record), else 1.
+func (r *Release) hostScalingFor(configKey string) hostScaling {
+	none := hostScaling{Factor: 1}
+	if _, seen := r.calibration[configKey]; seen {
+		return none
+	}
+	m, ok := r.machineHost[MachineOf(configKey)]
+	if !ok {
+		return none
+	}
+	return hostScaling{Factor: m.Factor, Terms: r.hostTerms}
 }
 
 type coefficientsFile struct {
@@ -127,9 +158,14 @@ func ParseCoefficients(raw []byte) (*Release, error) {
 	if _, err := buildFamily(doc.Family, doc.Model); err != nil { // fail fast on bad releases
 		return nil, err
 	}
-	var err error
-	if rel.calibration, err = parseCalibration(doc.Model); err != nil {
+	block, err := parseCalibration(doc.Model)
+	if err != nil {
 		return nil, fmt.Errorf("coefficients.json: %w", err)
+	}
+	rel.calibration, rel.machineHost = block.PerConfig, block.MachineHost
+	rel.hostTerms = make(map[string]bool, len(block.HostTerms))
+	for _, t := range block.HostTerms {
+		rel.hostTerms[t] = true
 	}
 	return rel, nil
 }
@@ -187,8 +223,12 @@ type Evaluator struct {
 	// means its steps were seen and the reference terms kept: no terms of its own
 	// (Calibrated false), except RECE, which stores the kept set as its specialist.
 	Calibration *CalibrationRecord
-	ctx         featureContext
-	model       familyModel
+	// MachineHostFactor multiplies the host-time terms of the global terms this
+	// configuration runs on: its machine's host factor when the release never saw it
+	// and holds one for that machine (Release.MachineHostFactors), else 1.
+	MachineHostFactor float64
+	ctx               featureContext
+	model             familyModel
 }
 
 // NewEvaluator resolves the deployment's model shape, GPU and coefficient set.
@@ -227,8 +267,14 @@ func (r *Release) NewEvaluator(d Deployment) (*Evaluator, error) {
 	e := &Evaluator{Release: r, Deployment: d, Arch: arch, Hardware: hw,
 		ConfigKey: ConfigKey(d, arch), ctx: newFeatureContext(arch, hw, d.TensorParallelism)}
 	consts := e.ctx.constants(d.MaxNumBatchedTokens, d.MaxNumSeqs)
-	if e.model, e.Calibrated, err = fam.resolve(e.ConfigKey, consts); err != nil {
+	host := r.hostScalingFor(e.ConfigKey)
+	if e.model, e.Calibrated, err = fam.resolve(e.ConfigKey, consts, host); err != nil {
 		return nil, err
+	}
+	if !e.Calibrated {
+		e.MachineHostFactor = host.Factor
+	} else {
+		e.MachineHostFactor = 1
 	}
 	if rec, ok := r.calibration[e.ConfigKey]; ok {
 		e.Calibration = &rec
