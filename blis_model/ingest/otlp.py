@@ -84,14 +84,16 @@ def decode_attributes(attributes: list[dict[str, Any]] | None) -> Attrs:
 
 
 # -- the walker shared by the generic and the fast decoder -----------------------------
-Placeholders = tuple[str, list[str]]  # (scope, consecutive string events of one span)
+Placeholders = tuple[str, list[str], Attrs]  # (scope, consecutive string events of one span,
+#                                              its span's decoded attributes)
 
 
 def walk_export(obj: Any, placeholders: bool = False) -> list[Event | Placeholders]:
     """The events of a parsed OTLP export object, in file order.
 
     With ``placeholders``, events given as strings (the fast decoder's stand-ins for
-    events it already decoded) are returned as ``(scope, [string, ...])`` runs. Raises
+    events it already decoded) are returned as ``(scope, [string, ...], span attributes)``
+    runs. Raises
     ValueError when ``obj`` is not a well-formed OTLP export object.
     """
     if not isinstance(obj, dict) or "resourceSpans" not in obj:
@@ -114,7 +116,7 @@ def walk_export(obj: Any, placeholders: bool = False) -> list[Event | Placeholde
                         if placeholders and type(ev) is str:
                             if run is None:
                                 run = []
-                                items.append((scope, run))
+                                items.append((scope, run, span_attrs))
                             run.append(ev)
                             continue
                         run = None
