@@ -259,10 +259,11 @@ def _ints(arr: np.ndarray, words: np.ndarray, start: np.ndarray, end: np.ndarray
           bare: bool) -> tuple[np.ndarray, np.ndarray]:
     """(int64 values, ok) of integer spellings: ``-?(?:[1-8]\\d{18}|\\d{1,18})`` inside
     quotes, ``-?(?:0|[1-9]\\d{0,17})`` as a JSON number (``bare``)."""
-    neg = arr[np.minimum(start, len(arr) - 1)] == ord("-")
+    head = words[np.minimum(start, len(words) - 1)]  # the first two bytes: sign, lead
+    neg = (head & _U(0xFF)) == ord("-")
     first = start + neg
     digits = end - first
-    lead = arr[np.minimum(first, len(arr) - 1)]
+    lead = np.where(neg, (head >> _U(8)) & _U(0xFF), head & _U(0xFF))
     ok = (digits >= 1) & (digits <= 19)
     if bare:
         ok &= (digits <= 18) & ((digits == 1) | (lead != ord("0")))
@@ -309,6 +310,22 @@ def _doubles(arr: np.ndarray, start: np.ndarray, end: np.ndarray
         return np.zeros(0), np.zeros(0, bool)
     width = int(min(max(int(size.max()), 1), _MAX_DOUBLE))
     raw, inside = _window(arr, start, size, width)
+    # the usual spelling first, ``(0|[1-9]\d*)(\.\d+)?`` with at most 15 digits: its
+    # value is the integer of its digits over a power of ten, one exact division
+    digit = (raw - np.uint8(ord("0"))) < 10
+    dot = raw == ord(".")
+    cols = np.arange(width)
+    has_dot = dot.any(axis=1)
+    dot_at = np.where(has_dot, dot.argmax(axis=1), size)
+    plain = ((digit | dot | ~inside).all(axis=1) & (dot.sum(axis=1) <= 1) & (size >= 1)
+             & (size - has_dot <= 15) & (dot_at >= 1) & (dot_at != size - 1)
+             & ((raw[:, 0] != ord("0")) | (dot_at == 1) | (size == 1)))
+    if plain.all():
+        after = size[:, None] - 1 - cols - ((cols < dot_at[:, None]) & has_dot[:, None])
+        d = raw.astype(np.int64) - ord("0")
+        m = np.where(digit & inside, d * _POW10[np.clip(after, 0, 18)], 0).sum(axis=1)
+        frac = np.where(has_dot, size - 1 - dot_at, 0)
+        return m.astype(np.float64) / _F10[frac], np.ones(len(start), bool)
     classes, table, accept = _DOUBLE
     cls = np.where(inside, classes[raw], 7)
     flat = table.astype(np.intp).ravel()
@@ -317,7 +334,6 @@ def _doubles(arr: np.ndarray, start: np.ndarray, end: np.ndarray
     for k in range(width):
         state = flat[state * 8 + step[k]]
     ok = (size >= 1) & (size <= _MAX_DOUBLE) & accept[state]
-    cols = np.arange(width)
     digit = (cls == 5) | (cls == 6)
     is_e = cls == 4
     has_e = is_e.any(axis=1)
@@ -397,10 +413,15 @@ def _match(t: _Template, base: np.ndarray, q: np.ndarray, arr: np.ndarray,
     sel = np.flatnonzero(ok)
     # every literal piece of every candidate against the template's: all at once (one
     # bytes comparison per piece), row by row only when some candidate differs
+    starts_sel = np.ascontiguousarray(lit_start[sel].T)
     for k, piece in enumerate(t.pieces):
-        rows = _rows(arr, lit_start[sel, k], len(piece))
+        width = len(piece)
+        rows = np.ndarray((len(arr) - width + 1,), np.dtype((np.void, width)), arr, 0, (1,)
+                          )[starts_sel[k]]  # each piece's bytes as one fixed-size item
         if rows.tobytes() != piece * len(sel):
-            sel = sel[(rows == np.frombuffer(piece, np.uint8)).all(axis=1)]
+            same = (rows.view(np.uint8).reshape(-1, width) == np.frombuffer(piece, np.uint8)
+                    ).all(axis=1)
+            sel, starts_sel = sel[same], starts_sel[:, same]
     ok[:] = False
     ok[sel] = True
     sel = np.flatnonzero(ok)

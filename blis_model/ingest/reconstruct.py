@@ -394,27 +394,35 @@ def _align(table: pa.Table, wanted: np.ndarray) -> pa.Table:
     return pa.table(arrays)
 
 
+def _is(table: pa.Table, composition: str) -> np.ndarray:
+    """Rows of ``table`` whose ``composition`` is ``composition`` (bool array)."""
+    return np.asarray(pc.equal(table.column("composition"), composition).combine_chunks()
+                      .to_numpy(zero_copy_only=False), bool)
+
+
 def fill_compositions(steps: pa.Table, rebuilt: pa.Table) -> pa.Table:
     """The step table with every ``summary`` row's composition replaced by the journey
     reconstruction (``composition = "journey"``); snapshot rows are kept."""
     rebuilt = _align(rebuilt, steps.column("step_id").to_numpy())
-    replace = np.asarray(steps.column("composition").to_numpy(zero_copy_only=False)
-                         == "summary")
-    out = steps
-    for c in COMPOSITION_COLUMNS:
-        merged = np.where(replace, rebuilt.column(c).to_numpy(), steps.column(c).to_numpy())
-        out = out.set_column(out.schema.get_field_index(c), c, pa.array(merged, pa.float64()))
-    comp = np.where(replace, "journey", steps.column("composition").to_numpy(
-        zero_copy_only=False))
-    return out.set_column(out.schema.get_field_index("composition"), "composition",
-                          pa.array(comp, pa.string()))
+    replace = _is(steps, "summary")
+    arrays = {}
+    for f in steps.schema:
+        if f.name in COMPOSITION_COLUMNS:
+            arrays[f.name] = pa.array(np.where(replace, rebuilt.column(f.name).to_numpy(),
+                                               steps.column(f.name).to_numpy()), pa.float64())
+        elif f.name == "composition":
+            arrays[f.name] = pc.if_else(pa.array(replace), "journey",
+                                        steps.column(f.name).combine_chunks())
+        else:
+            arrays[f.name] = steps.column(f.name)
+    return pa.table(arrays, schema=steps.schema)
 
 
 def compare_with_snapshots(steps: pa.Table, rebuilt: pa.Table,
                            columns: tuple[str, ...] = COMPARED) -> dict[str, Any]:
     """Agreement of the reconstruction with snapshot-derived rows: per column, the share of
     steps that agree exactly and the relative error of the column's total."""
-    snap = np.asarray(steps.column("composition").to_numpy(zero_copy_only=False) == "snapshot")
+    snap = _is(steps, "snapshot")
     ids = steps.column("step_id").to_numpy()[snap]
     rebuilt = _align(rebuilt, ids)
     out: dict[str, Any] = {"steps": int(snap.sum())}
