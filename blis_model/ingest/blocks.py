@@ -586,9 +586,7 @@ def _assemble(out: BlockScan, kinds: list[_Kind], lines: Sequence[tuple[int, byt
     if len(overlap):
         fallback.update(ev_line[overlap].tolist())
         fallback.update(ev_line[overlap + 1].tolist())
-    s_list, e_list = ev_start.tolist(), ev_end.tolist()
-    pieces = [block[a:b] for a, b in zip([0, *e_list], [*s_list, size], strict=True)]
-    skeletons = PLACEHOLDER.join(pieces).split(b"\n")
+    skeletons = _skeleton(block, size, ev_start, ev_end).split(b"\n")
     per_line = np.bincount(ev_line, minlength=len(lines))
     own = {(w.scope, w.name) for w in wanted if w.scope not in scopes}  # step kinds
     scope_of = [w.scope for w in wanted]
@@ -672,6 +670,31 @@ def _assemble(out: BlockScan, kinds: list[_Kind], lines: Sequence[tuple[int, byt
                       scopes)
     return _merge_lines(out, chunks, ev_kind, ev_line, use, lines, fallback, wanted, scopes,
                         events)
+
+
+def _skeleton(block: bytes, size: int, start: np.ndarray, end: np.ndarray) -> bytes:
+    """The block with every match replaced by :data:`PLACEHOLDER`; matches that follow
+    each other after a comma (events of one span) become one run, written at once."""
+    n = len(start)
+    if not n:
+        return block[:size]
+    arr = np.frombuffer(block, np.uint8)
+    follows = (start[1:] == end[:-1] + 1) & (arr[end[:-1]] == ord(","))
+    last = np.append(np.flatnonzero(~follows), n - 1)
+    first = np.concatenate([[0], last[:-1] + 1])
+    runs: dict[int, bytes] = {}
+    parts = []
+    prev = 0
+    for a, b, k in zip(start[first].tolist(), end[last].tolist(), (last - first + 1).tolist(),
+                       strict=True):
+        parts.append(block[prev:a])
+        text = runs.get(k)
+        if text is None:
+            text = runs[k] = PLACEHOLDER + (b"," + PLACEHOLDER) * (k - 1)
+        parts.append(text)
+        prev = b
+    parts.append(block[prev:size])
+    return b"".join(parts)
 
 
 def _index_in_kind(kinds: list[_Kind], order: np.ndarray) -> np.ndarray:

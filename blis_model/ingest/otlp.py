@@ -89,6 +89,7 @@ def decode_attributes(attributes: list[dict[str, Any]] | None) -> Attrs:
 
 
 # -- the walker shared by the generic and the fast decoder -----------------------------
+PLACEHOLDER = "\t"  # what the block decoder leaves where it decoded an event (ingest.blocks)
 Placeholders = tuple[str, list[str], Attrs]  # (scope, consecutive string events of one span,
 #                                              its span's decoded attributes)
 
@@ -116,6 +117,10 @@ def walk_export(obj: Any, placeholders: bool = False) -> list[Event | Placeholde
                     if not span_events:  # keep event-less spans visible (API spans may be bare)
                         items.append(Event(scope, "", int(span.get("endTimeUnixNano") or 0), {},
                                            **base))
+                    if (placeholders and type(span_events) is list
+                            and span_events.count(PLACEHOLDER) == len(span_events)):
+                        items.append((scope, span_events, span_attrs))  # (the usual case)
+                        continue
                     run: list[str] | None = None
                     for ev in span_events:
                         if placeholders and type(ev) is str:

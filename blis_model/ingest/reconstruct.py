@@ -173,32 +173,22 @@ def _all_segments(requests: pa.Table, report: ReconstructionReport, block_size: 
     return segs
 
 
-@dataclass
-class _Prefills:
-    """Per visited step (offset from the first step): what its prefill chunks add."""
-
-    size: int
-    cols: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        names = ("pf_count", "pf_tokens", "pf_tokens_sq", "pf_ctx_tokens", "pf_prompt_tokens",
-                 "pf_kv_tokens", "pf_ctx_max", "pf_sampling", "pf_blocks", "cached",
-                 "extra_count", "extra_sum", "extra_max", "extra_blocks")
-        self.cols = {name: np.zeros(self.size, np.int64) for name in names}
-        for name in ("pf_ctx_max", "extra_max"):  # maxima start below any value
-            self.cols[name][:] = _LOW
+_PREFILL_SUMS = ("pf_count", "pf_tokens", "pf_tokens_sq", "pf_ctx_tokens", "pf_prompt_tokens",
+                 "pf_kv_tokens", "pf_sampling", "pf_blocks", "cached", "extra_count",
+                 "extra_sum", "extra_blocks")
+_PREFILL_MAXIMA = ("pf_ctx_max", "extra_max")
 
 
 def _sweep(segs: list[_Segment], first: int, last: int, budget_max: int, block_size: int,
-           report: ReconstructionReport) -> tuple[_Prefills, list[tuple[int, int, int, int]]]:
+           report: ReconstructionReport
+           ) -> tuple[dict[str, np.ndarray], list[tuple[int, int, int, int]]]:
     """The sequential part: every segment's chunks, visiting only steps where some
-    segment still computes tokens. Returns the per-step prefill aggregates and the decode
-    intervals (first step, last step, context base, cached blocks): a decode's context at
-    step k is ``base + k``."""
-    out = _Prefills(last - first + 1)
-    cols = out.cols
+    segment still computes tokens. Returns per-step prefill aggregates (int64 arrays over
+    first..last; maxima :data:`_LOW` where none) and the decode intervals (first step,
+    last step, context base, cached blocks): a decode's context at step k is ``base + k``."""
     bs = block_size
     by_start = sorted(segs, key=lambda s: s.start)
+    visited: dict[int, list[int]] = {}  # step offset → sums then maxima (Python ints)
     decodes: list[tuple[int, int, int, int]] = []
     changes: list[tuple[int, int]] = []  # (step, ±1): decode count changes
     count = 0
@@ -221,7 +211,9 @@ def _sweep(segs: list[_Segment], first: int, last: int, budget_max: int, block_s
             count += heapq.heappop(changes)[1]
         budget = budget_max - count
         keep: list[_Segment] = []
-        i = k - first
+        # pf count, tokens, tokens², t·c, t·s, kv, sampling, blocks, cached; extra count,
+        # sum, blocks; then the maxima: pf kv, extra context
+        acc = [0] * 12 + [_LOW, _LOW]
         for seg in active:
             if k > seg.end:
                 report.prefills_preempted += 1
@@ -240,33 +232,42 @@ def _sweep(segs: list[_Segment], first: int, last: int, budget_max: int, block_s
             c = seg.done
             seg.done += t
             budget -= t
-            cols["cached"][i] += seg.cached_blocks
+            acc[8] += seg.cached_blocks
             if seg.done < seg.need:
                 keep.append(seg)
             if seg.done < seg.need or not (seg.resumed_output >= 1 and t == 1):
                 kv = c + t
-                cols["pf_count"][i] += 1
-                cols["pf_tokens"][i] += t
-                cols["pf_tokens_sq"][i] += t * t
-                cols["pf_ctx_tokens"][i] += t * c
-                cols["pf_prompt_tokens"][i] += t * seg.prompt
-                cols["pf_kv_tokens"][i] += kv
-                cols["pf_ctx_max"][i] = max(cols["pf_ctx_max"][i], kv)
-                cols["pf_sampling"][i] += kv >= seg.prompt
-                cols["pf_blocks"][i] += -(-kv // bs)
+                acc[0] += 1
+                acc[1] += t
+                acc[2] += t * t
+                acc[3] += t * c
+                acc[4] += t * seg.prompt
+                acc[5] += kv
+                acc[6] += kv >= seg.prompt
+                acc[7] += -(-kv // bs)
+                acc[12] = max(acc[12], kv)
             else:  # the 1-token completion of a recompute: a decode
-                cols["extra_count"][i] += 1
-                cols["extra_sum"][i] += c
-                cols["extra_max"][i] = max(cols["extra_max"][i], c)
-                cols["extra_blocks"][i] += -(-(c + 1) // bs)
+                acc[9] += 1
+                acc[10] += c
+                acc[11] += -(-(c + 1) // bs)
+                acc[13] = max(acc[13], c)
             if seg.done >= seg.need and seg.end > k:  # decodes from k + 1 at need + (s - k) - 1
                 decodes.append((k + 1, seg.end, seg.need - k - 1, seg.cached_blocks))
                 heapq.heappush(changes, (k + 1, 1))
                 heapq.heappush(changes, (seg.end + 1, -1))
+        visited[k - first] = acc
         if len(keep) != len(active):
             active = keep
             ranks = [s.rank for s in keep]
         k += 1
+    size = last - first + 1
+    at_steps = np.fromiter(visited, np.int64, len(visited))
+    values = np.array(list(visited.values()), np.int64).reshape(-1, 14)
+    out: dict[str, np.ndarray] = {}
+    for j, name in enumerate(_PREFILL_SUMS + _PREFILL_MAXIMA):
+        col = np.full(size, _LOW if name in _PREFILL_MAXIMA else 0, np.int64)
+        col[at_steps] = values[:, j]
+        out[name] = col
     return out, decodes
 
 
@@ -327,8 +328,7 @@ def reconstruct_steps(requests: pa.Table, max_num_batched_tokens: int,
     if wanted is not None and len(wanted):
         last = max(last, int(wanted[-1]))
     size = last - first + 1
-    pf, decodes = _sweep(segs, first, last, max_num_batched_tokens, block_size, report)
-    p = pf.cols
+    p, decodes = _sweep(segs, first, last, max_num_batched_tokens, block_size, report)
     bs = block_size
     steps = np.arange(first, last + 1, dtype=np.int64)
     d = np.array(decodes, np.int64).reshape(-1, 4)

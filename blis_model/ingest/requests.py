@@ -618,9 +618,10 @@ def _journey_columns(j: dict[str, Any], odd: set[str]) -> dict[str, Any]:
     out["num_preemptions"] = n_pre
     out["num_resumes"] = np.maximum(n_sched - 1, 0)
     unresumed = np.zeros(n, np.int64)
+    empty: list[int] = []  # shared: read only
     lists: dict[str, list[list[int] | None]] = {
-        name: [[] for _ in range(n)] for name in ("preempted_steps", "preempted_outputs",
-                                                  "resumed_steps", "resumed_done_tokens")}
+        name: [empty] * n for name in ("preempted_steps", "preempted_outputs",
+                                       "resumed_steps", "resumed_done_tokens")}
 
     def ints(values: np.ndarray) -> list[int] | None:
         return None if (values == _NO).any() else values.tolist()
