@@ -17,6 +17,11 @@ finished, ``ttft_us``, ``e2e_us``) are in µs.
 
 Lines may come out of order or twice: every "first" time is a minimum, never the first
 seen, and repeated events count once.
+
+``RequestTableBuilder`` takes the journey and API events as the block decoder's columns
+(or as decoded events) and builds the table with numpy; the event-by-event
+``_EventBuilder`` is the reference semantics, and still rebuilds the few requests with
+unusual values (see ``RequestTableBuilder``).
 """
 
 from __future__ import annotations

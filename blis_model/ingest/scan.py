@@ -1,4 +1,9 @@
-"""Columnar decoding of selected OTLP span events, fast and exact.
+"""Columnar decoding of selected OTLP span events, fast and exact: the line decoder.
+
+Ingestion decodes lines in blocks (``ingest.blocks``, numpy); this module is its
+per-line fallback for the lines a block cannot take (escapes, non-ASCII, malformed
+lines, unusual layouts), the generic decoder every fast path must equal, and the event
+layouts (``probe_spec``) both fast paths learn from.
 
 A caller names the events it wants (:class:`Wanted`: scope, event name, numeric and
 string attributes) and gets, per line, one :class:`EventColumns` per kind: the wanted
