@@ -91,6 +91,7 @@ class _Template:
     slots: tuple[_Slot, ...]
     lit_len: np.ndarray  # bytes of each literal piece (one more than slots)
     pieces: tuple[bytes, ...]  # the literal text around the slots
+    piece_arrays: tuple[np.ndarray, ...]  # the same as uint8 arrays
     quotes: np.ndarray  # quote offsets read per event: slot starts, slot ends, first quote
     off_start: np.ndarray  # per slot (see _Slot)
     off_end: np.ndarray
@@ -176,6 +177,7 @@ def _template(wanted: Wanted, fields: tuple[str, ...], attrs: tuple[tuple[str, s
     return _Template(
         wanted, name_quote, sum(p.count(b'"') for p in pieces), tuple(slots),
         np.array([len(p) for p in pieces], np.int64), pieces,
+        tuple(np.frombuffer(p, np.uint8) for p in pieces),
         np.array([s.q_start for s in slots] + [max(s.q_end, 0) for s in slots] + [0],
                  np.int64),
         np.array([s.off_start for s in slots], np.int64),
@@ -418,9 +420,9 @@ def _match(t: _Template, base: np.ndarray, q: np.ndarray, arr: np.ndarray,
         width = len(piece)
         rows = np.ndarray((len(arr) - width + 1,), np.dtype((np.void, width)), arr, 0, (1,)
                           )[starts_sel[k]]  # each piece's bytes as one fixed-size item
-        if rows.tobytes() != piece * len(sel):
-            same = (rows.view(np.uint8).reshape(-1, width) == np.frombuffer(piece, np.uint8)
-                    ).all(axis=1)
+        same = rows.view(np.uint8).reshape(-1, width) == t.piece_arrays[k]
+        if not same.all():
+            same = same.all(axis=1)
             sel, starts_sel = sel[same], starts_sel[:, same]
     ok[:] = False
     ok[sel] = True
