@@ -96,9 +96,7 @@ def decoded_events(path) -> list[Event]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("read_ahead", ["1", "0"])
-def test_block_decoder_equals_the_generic_decoder(corpus, name, read_ahead, monkeypatch):
-    monkeypatch.setenv("BLIS_READ_AHEAD", read_ahead)
+def test_block_decoder_equals_the_generic_decoder(corpus, name):
     exp = load_experiment(str(corpus), name)
     steps, report, requests = read_tables(exp)
     g_steps, g_report, g_requests = read_tables(exp, fast=False)

@@ -11,10 +11,6 @@ a :class:`Problem` (file, line, reason) and skipped; reading goes on.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import queue
-import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +26,6 @@ Attrs = dict[str, Any]
 
 READ_CHUNK = 1 << 20  # compressed bytes read per call
 INFLATE_CHUNK = 8 << 20  # max decompressed bytes produced per call
-READ_AHEAD = 2  # decompressed chunks a helper thread may hold ahead of the reader
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -203,92 +198,41 @@ def _chunks(raw: BinaryIO, name: str) -> Iterator[bytes | _StreamEnd]:
         yield _StreamEnd(True)
 
 
-def _read_ahead(chunks: Iterator[bytes | _StreamEnd]) -> Iterator[bytes | _StreamEnd]:
-    """``chunks`` produced by a helper thread, :data:`READ_AHEAD` chunks ahead: reading and
-    inflating (zlib releases the GIL) overlap with decoding. Exceptions reach the caller;
-    closing this generator stops the thread before returning (the file can be closed)."""
-    buffer: queue.Queue = queue.Queue(READ_AHEAD)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for chunk in chunks:
-                while not stop.is_set():
-                    try:
-                        buffer.put(chunk, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            buffer.put(done)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            buffer.put(exc)
-
-    worker = threading.Thread(target=produce, name="blis-read-ahead", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():
-            with contextlib.suppress(queue.Empty):
-                buffer.get(timeout=0.1)
-        worker.join()
-
-
 def iter_lines(raw: BinaryIO, name: str, problems: list[Problem],
                stats: LineStats | None = None) -> Iterator[tuple[int, bytes]]:
     """``(line number, line)`` for every non-blank line of ``raw`` (1-based, stripped).
 
-    Streams: memory holds a few chunks plus the longest line. A gzip stream is read and
-    inflated by a helper thread a few chunks ahead (:data:`READ_AHEAD`; 0 or the
-    environment variable ``BLIS_READ_AHEAD=0``: in this thread). A line cut off by a
-    truncated gzip stream is still yielded (its decoder reports it if it is incomplete),
-    and the truncation itself is appended to ``problems``.
+    Streams: memory holds one chunk plus the longest line. A line cut off by a truncated
+    gzip stream is still yielded (its decoder reports it if it is incomplete), and the
+    truncation itself is appended to ``problems``.
     """
     stats = stats if stats is not None else LineStats()
     pending: list[bytes] = []  # pieces of a line longer than one chunk
     lineno = 0
-    chunks = _chunks(raw, name)
-    if READ_AHEAD and name.endswith(".gz") and os.environ.get("BLIS_READ_AHEAD") != "0":
-        chunks = _read_ahead(chunks)
-    try:
-        for chunk in chunks:
-            if type(chunk) is _StreamEnd:
-                problems.append(Problem(name, lineno + 1, (
-                    f"truncated compressed data: the gzip stream ends early, after line {lineno}"
-                    if chunk.truncated else
-                    f"corrupt compressed data after line {lineno} ({chunk.detail})")))
-                continue
-            stats.bytes += len(chunk)
-            start = 0
-            end = chunk.find(b"\n")
-            while end >= 0:
-                piece = chunk[start:end]
-                if pending:
-                    pending.append(piece)
-                    piece = b"".join(pending)
-                    pending = []
-                lineno += 1
-                line = piece.strip()
-                if line:
-                    yield lineno, line
-                start = end + 1
-                end = chunk.find(b"\n", start)
-            if start < len(chunk):
-                pending.append(chunk[start:])
-    finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
+    for chunk in _chunks(raw, name):
+        if type(chunk) is _StreamEnd:
+            problems.append(Problem(name, lineno + 1, (
+                f"truncated compressed data: the gzip stream ends early, after line {lineno}"
+                if chunk.truncated else
+                f"corrupt compressed data after line {lineno} ({chunk.detail})")))
+            continue
+        stats.bytes += len(chunk)
+        start = 0
+        end = chunk.find(b"\n")
+        while end >= 0:
+            piece = chunk[start:end]
+            if pending:
+                pending.append(piece)
+                piece = b"".join(pending)
+                pending = []
+            lineno += 1
+            line = piece.strip()
+            if line:
+                yield lineno, line
+            start = end + 1
+            end = chunk.find(b"\n", start)
+        if start < len(chunk):
+            pending.append(chunk[start:])
     if pending:
         line = b"".join(pending).strip()
         lineno += 1
