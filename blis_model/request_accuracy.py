@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from blis_model.alphas import AlphaFit, fit_alphas
 from blis_model.dataset import feature_frame
@@ -61,10 +60,9 @@ def full_step_table(steps: pa.Table, rebuilt: pa.Table, experiment: str) -> pa.T
     n = len(ids)
     pos_t, traced = _lookup(traced_ids, ids)
     pos_r, known = _lookup(rebuilt_ids, ids)
+    comp = np.asarray(steps.column("composition").to_numpy(zero_copy_only=False), object)
     snapshot = traced.copy()
-    snapshot[traced] = np.asarray(pc.equal(steps.column("composition"), "snapshot")
-                                  .combine_chunks().to_numpy(zero_copy_only=False),
-                                  bool)[pos_t[traced]]
+    snapshot[traced] = comp[pos_t[traced]] == "snapshot"
     composition = {}
     for c in COMPOSITION_COLUMNS:
         values = np.zeros(n)
@@ -76,7 +74,7 @@ def full_step_table(steps: pa.Table, rebuilt: pa.Table, experiment: str) -> pa.T
                "prefill_tokens": composition["pf_tokens"],
                "decode_tokens": composition["dc_count"],
                "running_depth": composition["pf_count"] + composition["dc_count"]}
-    arrays: dict[str, Any] = {"experiment": pa.repeat(pa.scalar(experiment, pa.string()), n),
+    arrays: dict[str, Any] = {"experiment": pa.array([experiment] * n, pa.string()),
                               "step_id": pa.array(ids, pa.int64())}
     for f in STEP_SCHEMA:
         if f.name in arrays or f.name in composition or f.name == "composition":
@@ -87,7 +85,7 @@ def full_step_table(steps: pa.Table, rebuilt: pa.Table, experiment: str) -> pa.T
         arrays[f.name] = pa.array(values, pa.float64())
     for c, values in composition.items():
         arrays[c] = pa.array(values, pa.float64())
-    arrays["composition"] = pc.if_else(pa.array(snapshot), "snapshot", "journey")
+    arrays["composition"] = pa.array(np.where(snapshot, "snapshot", "journey"), pa.string())
     return pa.table(arrays, schema=STEP_SCHEMA)
 
 
