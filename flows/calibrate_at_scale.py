@@ -2,16 +2,16 @@
 
 The same recipe as ``flows.calibrate``, but nothing corpus-sized is gathered in the
 driver: each experiment is featurized on a worker into a Parquet shard
-(``blis_model.shards``; an unchanged experiment's shard is reused), the worker returns a
+(``blis_model.scale.shards``; an unchanged experiment's shard is reused), the worker returns a
 small summary (counts, ingest report, PICF sufficient statistics), and
 
 * family ``picf`` (the default) is fit exactly from the summed statistics;
-* any other family (``blis_model.scale_families``) is fit on a bounded deterministic
+* any other family (``blis_model.scale.sampling``) is fit on a bounded deterministic
   sample of at most ``max_fit_rows`` steps (the temporal model on its rows in each
   experiment's first 70%, each leave-one-out fold — one task per held-out configuration
   — on the sample minus that configuration);
 * ``auto`` fits every family that way (PICF from statistics) and releases the
-  leave-one-experiment-out winner (``blis_model.selection``).
+  leave-one-experiment-out winner (``blis_model.calibration.selection``).
 
 Scores (in-sample, temporal, LOO) read each experiment's full shard, one per task. The
 release's BLIS projection uses a bounded deterministic sample of steps; the manifest's

@@ -84,14 +84,17 @@ def decode_attributes(attributes: list[dict[str, Any]] | None) -> Attrs:
 
 
 # -- the walker shared by the generic and the fast decoder -----------------------------
-Placeholders = tuple[str, list[str]]  # (scope, consecutive string events of one span)
+PLACEHOLDER = "\t"  # what the block decoder leaves where it decoded an event (ingest.blocks)
+Placeholders = tuple[str, list[str], Attrs]  # (scope, consecutive string events of one span,
+#                                              its span's decoded attributes)
 
 
 def walk_export(obj: Any, placeholders: bool = False) -> list[Event | Placeholders]:
     """The events of a parsed OTLP export object, in file order.
 
     With ``placeholders``, events given as strings (the fast decoder's stand-ins for
-    events it already decoded) are returned as ``(scope, [string, ...])`` runs. Raises
+    events it already decoded) are returned as ``(scope, [string, ...], span attributes)``
+    runs. Raises
     ValueError when ``obj`` is not a well-formed OTLP export object.
     """
     if not isinstance(obj, dict) or "resourceSpans" not in obj:
@@ -109,12 +112,16 @@ def walk_export(obj: Any, placeholders: bool = False) -> list[Event | Placeholde
                     if not span_events:  # keep event-less spans visible (API spans may be bare)
                         items.append(Event(scope, "", int(span.get("endTimeUnixNano") or 0), {},
                                            **base))
+                    if (placeholders and type(span_events) is list
+                            and span_events.count(PLACEHOLDER) == len(span_events)):
+                        items.append((scope, span_events, span_attrs))  # (the usual case)
+                        continue
                     run: list[str] | None = None
                     for ev in span_events:
                         if placeholders and type(ev) is str:
                             if run is None:
                                 run = []
-                                items.append((scope, run))
+                                items.append((scope, run, span_attrs))
                             run.append(ev)
                             continue
                         run = None
@@ -141,10 +148,18 @@ def decode_line(line: bytes) -> list[Event]:
 
 
 # -- streaming lines -------------------------------------------------------------------
-def _chunks(raw: BinaryIO, name: str, problems: list[Problem], where: list[int]
-            ) -> Iterator[bytes]:
-    """Decompressed (or plain) bytes of ``raw`` in bounded chunks. A truncated or corrupt
-    gzip stream ends the iteration with a Problem at line ``where[0] + 1``."""
+@dataclass(frozen=True)
+class _StreamEnd:
+    """The end of a gzip stream that is not clean; the line reader words the problem (it
+    knows the last complete line)."""
+
+    truncated: bool
+    detail: str = ""
+
+
+def _chunks(raw: BinaryIO, name: str) -> Iterator[bytes | _StreamEnd]:
+    """Decompressed (or plain) bytes of ``raw`` in bounded chunks; a truncated or corrupt
+    gzip stream ends the iteration with a :class:`_StreamEnd`."""
     data = raw.read(READ_CHUNK)
     if not (name.endswith(".gz") or data[:2] == _GZIP_MAGIC):
         while data:
@@ -177,12 +192,10 @@ def _chunks(raw: BinaryIO, name: str, problems: list[Problem], where: list[int]
             elif exhausted:
                 break
     except zlib.error as exc:
-        problems.append(Problem(name, where[0] + 1,
-                                f"corrupt compressed data after line {where[0]} ({exc})"))
+        yield _StreamEnd(False, str(exc))
         return
     if fed:  # (an empty file is just empty)
-        problems.append(Problem(name, where[0] + 1, "truncated compressed data: the gzip "
-                                f"stream ends early, after line {where[0]}"))
+        yield _StreamEnd(True)
 
 
 def iter_lines(raw: BinaryIO, name: str, problems: list[Problem],
@@ -194,10 +207,15 @@ def iter_lines(raw: BinaryIO, name: str, problems: list[Problem],
     truncation itself is appended to ``problems``.
     """
     stats = stats if stats is not None else LineStats()
-    where = [0]  # last complete line number, for truncation messages
     pending: list[bytes] = []  # pieces of a line longer than one chunk
     lineno = 0
-    for chunk in _chunks(raw, name, problems, where):
+    for chunk in _chunks(raw, name):
+        if type(chunk) is _StreamEnd:
+            problems.append(Problem(name, lineno + 1, (
+                f"truncated compressed data: the gzip stream ends early, after line {lineno}"
+                if chunk.truncated else
+                f"corrupt compressed data after line {lineno} ({chunk.detail})")))
+            continue
         stats.bytes += len(chunk)
         start = 0
         end = chunk.find(b"\n")
@@ -208,7 +226,6 @@ def iter_lines(raw: BinaryIO, name: str, problems: list[Problem],
                 piece = b"".join(pending)
                 pending = []
             lineno += 1
-            where[0] = lineno
             line = piece.strip()
             if line:
                 yield lineno, line

@@ -17,6 +17,11 @@ finished, ``ttft_us``, ``e2e_us``) are in µs.
 
 Lines may come out of order or twice: every "first" time is a minimum, never the first
 seen, and repeated events count once.
+
+``RequestTableBuilder`` takes the journey and API events as the block decoder's columns
+(or as decoded events) and builds the table with numpy; the event-by-event
+``_EventBuilder`` is the reference semantics, and still rebuilds the few requests with
+unusual values (see ``RequestTableBuilder``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,15 @@ import pyarrow as pa
 
 from blis_model.configuration.experiment import Experiment
 from blis_model.errors import CorpusError
-from blis_model.ingest.otlp import API_SCOPE, JOURNEY_SCOPE, Event, Problem, decode_line, iter_lines
+from blis_model.ingest.otlp import (
+    API_SCOPE,
+    JOURNEY_SCOPE,
+    Event,
+    Problem,
+    decode_line,
+    iter_lines,
+)
+from blis_model.ingest.scan import MISSING_INT, EventColumns, Wanted
 from blis_model.storage import filesystem
 
 REQUEST_ID = "gen_ai.request.id"
@@ -116,8 +129,9 @@ def unresumed_preemptions(preempted: list[int], resumed: list[int]) -> int:
 
 
 @dataclass
-class RequestTableBuilder:
-    """Accumulates journey and API events of one experiment; :meth:`table` joins them."""
+class _EventBuilder:
+    """The request table event by event (the reference semantics, kept for the requests
+    :class:`RequestTableBuilder` cannot take in bulk: unusual value types, ties)."""
 
     experiment: str
     _journeys: dict[str, _Journey] = field(default_factory=dict)
@@ -258,6 +272,516 @@ class RequestTableBuilder:
         row["ttft_us"] = span_us("arrival_ns", "first_token_ns")
         row["e2e_us"] = span_us("arrival_ns", "departed_ns")
         return row
+
+
+JOURNEY_KINDS = ("QUEUED", "SCHEDULED", "FIRST_TOKEN", "PREEMPTED", "FINISHED")
+API_KINDS = ("ARRIVED", "DEPARTED", "ABORTED")
+_J_INTS = ("ts.monotonic_ns", "scheduler.step", "prefill.done_tokens", "prefill.total_tokens",
+           "decode.done_tokens", "decode.max_tokens")
+REQUEST_EVENTS: tuple[Wanted, ...] = (
+    *(Wanted(JOURNEY_SCOPE, f"journey.{kind}", numbers=("ts.monotonic",),
+             strings=("finish.status",) if kind == "FINISHED" else (), ints=_J_INTS,
+             strict=True) for kind in JOURNEY_KINDS),
+    *(Wanted(API_SCOPE, f"api.{kind}", numbers=("event.ts.monotonic",),
+             strings=("reason",) if kind == "ABORTED" else (), strict=True)
+      for kind in API_KINDS),
+)
+"""The journey and API events the request table reads, for the block decoder: attributes
+spelled otherwise than these roles leave an event whole (then :class:`_EventBuilder`)."""
+_J_CODE = {kind: i for i, kind in enumerate(JOURNEY_KINDS)}
+_A_CODE = {f"api.{kind}": i for i, kind in enumerate(API_KINDS)}
+QUEUED, SCHEDULED, FIRST_TOKEN, PREEMPTED, FINISHED = range(len(JOURNEY_KINDS))
+OTHER = len(JOURNEY_KINDS)  # another journey.* event: only its token counts matter
+ARRIVED, DEPARTED, ABORTED = range(len(API_KINDS))
+_NO = MISSING_INT
+_J_FIELDS = ("kind", "rid", "seq", "t", "step", "done", "total", "output", "max_tokens",
+             "status")
+_A_FIELDS = ("kind", "rid", "seq", "t", "reason")
+
+
+def _plain_int(value: Any) -> bool:
+    return value is None or (type(value) is int and _NO < value < -_NO)
+
+
+def _plain_seconds(value: Any) -> bool:
+    return value is None or (type(value) in (int, float) and abs(value) < 9e9)
+
+
+def _ns(value: Any) -> int:
+    return _NO if value is None else value
+
+
+def _seconds(values: np.ndarray) -> np.ndarray:
+    """``_seconds_to_ns`` of a float column (NaN: absent → MISSING_INT)."""
+    ok = np.isfinite(values)
+    out = np.full(len(values), _NO, np.int64)
+    out[ok] = np.round(values[ok] * 1e9).astype(np.int64)
+    return out
+
+
+def _first(keys: tuple[np.ndarray, ...], group: np.ndarray, size: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(groups present, index of each one's first row when sorted by ``keys`` — the last
+    key is the primary one, as in ``np.lexsort`` — within its group)."""
+    order = np.lexsort((*keys, group))
+    g = group[order]
+    head = np.ones(len(g), bool)
+    head[1:] = g[1:] != g[:-1]
+    return g[head], order[head]
+
+
+class RequestTableBuilder:
+    """Accumulates the journey and API events of one experiment — decoded events
+    (:meth:`add`, file order) or the block decoder's columns (:meth:`add_columns`, kinds
+    :data:`REQUEST_EVENTS`) — and joins them into the request table (:meth:`table`).
+
+    The table is built with numpy over all events at once. A request with an unusual
+    value (a step that is not an integer, a time spelled as a string, ...) or with two
+    different (re)schedules or preemptions at the same instant is rebuilt by
+    :class:`_EventBuilder`, the event-by-event reference, from all its events in file
+    order; the table is the reference's either way."""
+
+    def __init__(self, experiment: str) -> None:
+        self.experiment = experiment
+        self._count = 0  # events added one by one (their order when no seq is given)
+        self._j_chunks: list[dict[str, Any]] = []
+        self._j_rows: list[tuple] = []
+        self._j_odd: dict[str, list[tuple[int, Event]]] = {}
+        self._a_chunks: list[dict[str, Any]] = []
+        self._a_rows: list[tuple] = []
+        self._a_odd: dict[str, list[tuple[int, Event]]] = {}
+        self._a_spans: dict[str, list[int | None]] = {}  # api id → prompt, output, max tokens
+
+    # -- input ---------------------------------------------------------------------
+    def add(self, event: Event, seq: int | None = None) -> None:
+        """One decoded event (any scope; only journey and API events count). ``seq``
+        orders events across calls (default: the order of the calls)."""
+        if seq is None:
+            seq = self._count
+        self._count += 1
+        if event.scope == JOURNEY_SCOPE:
+            self._add_journey(event, seq)
+        elif event.scope == API_SCOPE:
+            self._add_api(event, seq)
+
+    def add_all(self, events: Iterable[Event]) -> None:
+        for event in events:
+            self.add(event)
+
+    def _add_journey(self, event: Event, seq: int) -> None:
+        rid = event.span_attrs.get(REQUEST_ID)
+        if rid is None or not event.name.startswith("journey."):
+            return
+        rid = str(rid)
+        a = event.attrs
+        kind = _J_CODE.get(event.name[len("journey."):], OTHER)
+        values = [a.get(k) for k in _J_INTS]
+        seconds = a.get("ts.monotonic")
+        status = a.get("finish.status")
+        if (rid in self._j_odd or not all(map(_plain_int, values))
+                or not _plain_seconds(seconds)
+                or (kind == FINISHED and "finish.status" in a and type(status) is not str)):
+            self._j_odd.setdefault(rid, []).append((seq, event))
+            return
+        ts_ns, step, done, total, output, max_tokens = map(_ns, values)
+        if ts_ns == _NO and seconds is not None:
+            ts_ns = int(round(float(seconds) * 1e9))
+        self._j_rows.append((kind, rid, seq, ts_ns, step, done, total, output, max_tokens,
+                             status if kind == FINISHED else None))
+
+    def _span(self, rid: str, span: dict[str, Any]) -> None:
+        acc = self._a_spans.setdefault(rid, [None, None, None])
+        acc[0] = _max(acc[0], span.get("gen_ai.usage.prompt_tokens"))
+        acc[1] = _max(acc[1], span.get("gen_ai.usage.completion_tokens"))
+        acc[2] = _max(acc[2], span.get("gen_ai.request.max_tokens"))
+
+    def _add_api(self, event: Event, seq: int) -> None:
+        rid = event.span_attrs.get(REQUEST_ID)
+        if rid is None:
+            return
+        rid = str(rid)
+        self._span(rid, event.span_attrs)
+        kind = _A_CODE.get(event.name)
+        if kind is None:
+            return
+        seconds = event.attrs.get("event.ts.monotonic")
+        reason = event.attrs.get("reason")
+        if (rid in self._a_odd or not _plain_seconds(seconds)
+                or (kind == ABORTED and "reason" in event.attrs and type(reason) is not str)):
+            self._a_odd.setdefault(rid, []).append((seq, event))
+            return
+        t = _NO if seconds is None else int(round(float(seconds) * 1e9))
+        self._a_rows.append((kind, rid, seq, t, reason if kind == ABORTED else None))
+
+    def add_columns(self, cols: EventColumns) -> None:
+        """Columns of one kind of :data:`REQUEST_EVENTS` (with span attributes and seq)."""
+        w = cols.wanted
+        if not cols.size or cols.span_attrs is None or cols.seq is None:
+            return
+        spans = cols.span_attrs
+        rids = [s.get(REQUEST_ID) for s in spans]
+        keep = np.array([r is not None for r in rids], bool)
+        rid = [str(r) for r in rids if r is not None]
+        if w.scope == JOURNEY_SCOPE and w.name.startswith("journey."):
+            ints = cols.ints
+            ts_ns = ints["ts.monotonic_ns"][keep]
+            t = np.where(ts_ns != _NO, ts_ns, _seconds(cols.numbers["ts.monotonic"][keep]))
+            kind = _J_CODE.get(w.name[len("journey."):], OTHER)
+            status = (cols.strings["finish.status"] if kind == FINISHED
+                      else [None] * cols.size)
+            self._j_chunks.append({
+                "kind": np.full(len(rid), kind, np.int64), "rid": rid,
+                "seq": cols.seq[keep], "t": t, "step": ints["scheduler.step"][keep],
+                "done": ints["prefill.done_tokens"][keep],
+                "total": ints["prefill.total_tokens"][keep],
+                "output": ints["decode.done_tokens"][keep],
+                "max_tokens": ints["decode.max_tokens"][keep],
+                "status": [None if s is None else s.decode("utf-8", "surrogatepass")
+                           for s, k in zip(status, keep.tolist(), strict=True) if k]})
+        elif w.scope == API_SCOPE:
+            done: set[int] = set()
+            for r, span in zip(rids, spans, strict=True):
+                if r is not None and id(span) not in done:
+                    done.add(id(span))
+                    self._span(str(r), span)
+            kind = _A_CODE.get(w.name)
+            if kind is None:
+                return
+            reason = cols.strings["reason"] if kind == ABORTED else [None] * cols.size
+            self._a_chunks.append({
+                "kind": np.full(len(rid), kind, np.int64), "rid": rid,
+                "seq": cols.seq[keep], "t": _seconds(cols.numbers["event.ts.monotonic"][keep]),
+                "reason": [None if x is None else x.decode("utf-8", "surrogatepass")
+                           for x, k in zip(reason, keep.tolist(), strict=True) if k]})
+
+    # -- output --------------------------------------------------------------------
+    @staticmethod
+    def _gather(chunks: list[dict[str, Any]], rows: list[tuple], fields: tuple[str, ...]
+                ) -> dict[str, Any]:
+        """All events as columns (object columns for ids and strings)."""
+        out: dict[str, Any] = {}
+        for i, name in enumerate(fields):
+            parts = [c[name] for c in chunks]
+            extra = [row[i] for row in rows]
+            if name in ("rid", "status", "reason"):
+                out[name] = np.array([x for p in parts for x in p] + extra + [None],
+                                     dtype=object)[:-1]
+            else:
+                out[name] = np.concatenate([*parts, np.array(extra, np.int64)]
+                                           if parts or extra else [np.zeros(0, np.int64)])
+        return out
+
+    def table(self) -> pa.Table:
+        """The joined request table (schema ``REQUEST_SCHEMA``), sorted by arrival/queue
+        time."""
+        j = self._gather(self._j_chunks, self._j_rows, _J_FIELDS)
+        a = self._gather(self._a_chunks, self._a_rows, _A_FIELDS)
+        journeys = _journey_columns(j, set(self._j_odd))
+        odd = journeys.pop("odd")
+        # requests the reference rebuilds: all their events, in file order
+        for rid in sorted(odd):
+            events = list(self._j_odd.get(rid, ())) + _journey_events(j, rid)
+            events.sort(key=lambda pair: pair[0])
+            ref = _EventBuilder(self.experiment)
+            for _, event in events:
+                ref.add(event)
+            journeys["rows"][rid] = ref._row(rid, ref._journeys.get(rid), None, None)
+        apis = _api_columns(a, self._a_spans, set(self._a_odd))
+        for rid in apis.pop("odd"):
+            events = list(self._a_odd.get(rid, ())) + _api_events(a, rid)
+            events.sort(key=lambda pair: pair[0])
+            ref = _EventBuilder(self.experiment)
+            for _, event in events:
+                ref.add(event)
+            api = ref._apis.get(rid) or _Api()
+            api.prompt, api.output, api.max_tokens = self._a_spans[rid]
+            apis["rows"][rid] = api
+        return _join(self.experiment, journeys, apis)
+
+
+def _journey_events(j: dict[str, Any], rid: str) -> list[tuple[int, Event]]:
+    """The events of journey ``rid`` back as decoded events (for the reference)."""
+    out = []
+    for i in np.flatnonzero(j["rid"] == rid).tolist():
+        kind = int(j["kind"][i])
+        attrs: dict[str, Any] = {}
+        for key, name in zip(_J_INTS, ("t", "step", "done", "total", "output", "max_tokens"),
+                             strict=True):
+            value = int(j[name][i])
+            if value != _NO:
+                attrs[key] = value
+        if j["status"][i] is not None:
+            attrs["finish.status"] = j["status"][i]
+        name = f"journey.{JOURNEY_KINDS[kind]}" if kind < OTHER else "journey.OTHER"
+        out.append((int(j["seq"][i]), Event(JOURNEY_SCOPE, name, 0, attrs, "llm_core",
+                                            {REQUEST_ID: rid})))
+    return out
+
+
+def _api_events(a: dict[str, Any], rid: str) -> list[tuple[int, Event]]:
+    out = []
+    for i in np.flatnonzero(a["rid"] == rid).tolist():
+        attrs: dict[str, Any] = {}
+        t = int(a["t"][i])
+        if t != _NO:
+            attrs["event.ts.monotonic"] = t / 1e9  # only the rebuilt event's own ns count
+        if a["reason"][i] is not None:
+            attrs["reason"] = a["reason"][i]
+        out.append((int(a["seq"][i]), Event(API_SCOPE, f"api.{API_KINDS[int(a['kind'][i])]}",
+                                            0, attrs, "llm_request", {REQUEST_ID: rid})))
+    return out
+
+
+def _api_replay(a: dict[str, Any], rid: str, odd: list[tuple[int, Event]]) -> _Api:
+    """The reference's arrival, departure, abort and reason of API id ``rid`` from its
+    events in file order (the plain ones as columns, the unusual ones whole)."""
+    items: list[tuple[int, int, Any, bool, Any]] = []  # seq, kind, t, has reason, reason
+    for i in np.flatnonzero(a["rid"] == rid).tolist():
+        t = int(a["t"][i])
+        reason = a["reason"][i]
+        items.append((int(a["seq"][i]), int(a["kind"][i]), None if t == _NO else t,
+                      reason is not None, reason))
+    for seq, event in odd:
+        items.append((seq, _A_CODE[event.name], _seconds_to_ns(event.attrs.get(
+            "event.ts.monotonic")), "reason" in event.attrs, event.attrs.get("reason")))
+    api = _Api()
+    for _, kind, t, has_reason, reason in sorted(items, key=lambda item: item[0]):
+        if t is None:
+            continue
+        if kind == ARRIVED:
+            api.arrival = t if api.arrival is None else min(api.arrival, t)
+        elif kind == DEPARTED:
+            api.departed = t if api.departed is None else min(api.departed, t)
+        else:
+            api.aborted = t if api.aborted is None else min(api.aborted, t)
+            if has_reason:
+                api.abort_reason = reason
+    return api
+
+
+def _codes(values: np.ndarray, extra: Iterable[str] = ()) -> tuple[np.ndarray, list[str]]:
+    """(code per value, distinct values in first-seen order, then ``extra`` not seen)."""
+    index: dict[str, int] = {}
+    codes = np.fromiter((index.setdefault(v, len(index)) for v in values.tolist()), np.int64,
+                        len(values))
+    for v in extra:
+        index.setdefault(v, len(index))
+    return codes, list(index)
+
+
+def _timeline(r: np.ndarray, t: np.ndarray, a: np.ndarray, b: np.ndarray, size: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct (t, a, b) per group sorted by t, as the reference's ``sorted(set(...))``:
+    (group, t, a, b) of the sorted distinct rows, and the groups where two distinct rows
+    share a time (the reference then orders them by their text: left to it)."""
+    order = np.lexsort((b, a, t, r))
+    r, t, a, b = r[order], t[order], a[order], b[order]
+    new = np.ones(len(r), bool)
+    new[1:] = (r[1:] != r[:-1]) | (t[1:] != t[:-1]) | (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    r, t, a, b = r[new], t[new], a[new], b[new]
+    tie = (r[1:] == r[:-1]) & (t[1:] == t[:-1])
+    return r, t, a, b, np.unique(r[1:][tie])
+
+
+def _journey_columns(j: dict[str, Any], odd: set[str]) -> dict[str, Any]:
+    """Per journey id: every journey-side column of the request table."""
+    r, ids = _codes(j["rid"], sorted(odd))
+    n = len(ids)
+    kind, seq, t, step = j["kind"], j["seq"], j["t"], j["step"]
+    out: dict[str, Any] = {"ids": ids, "rows": {}}
+    for name in ("total", "output", "max_tokens"):
+        acc = np.full(n, _NO, np.int64)
+        np.maximum.at(acc, r, j[name])
+        out[name] = acc
+    timed = t != _NO
+    for name, code in (("queued", QUEUED), ("first_token", FIRST_TOKEN),
+                       ("finished", FINISHED)):
+        m = np.flatnonzero(timed & (kind == code))
+        g, first = _first((seq[m], t[m]), r[m], n)
+        out[f"{name}_ns"] = np.full(n, _NO, np.int64)
+        out[f"{name}_step"] = np.full(n, _NO, np.int64)
+        out[f"{name}_ns"][g] = t[m][first]
+        out[f"{name}_step"][g] = step[m][first]
+    status = np.full(n, None, dtype=object)
+    m = np.flatnonzero(timed & (kind == FINISHED) & (j["status"] != None))  # noqa: E711
+    g, last = _first((-seq[m],), r[m], n)
+    status[g] = j["status"][m][last]
+    out["status"] = status
+    m = np.flatnonzero(timed & (kind == SCHEDULED))
+    sched = _timeline(r[m], t[m], step[m], j["done"][m], n)
+    m = np.flatnonzero(timed & (kind == PREEMPTED))
+    pre = _timeline(r[m], t[m], step[m], j["output"][m], n)
+    odd = odd | {ids[i] for i in np.concatenate([sched[4], pre[4]]).tolist()}
+    n_sched = np.bincount(sched[0], minlength=n)
+    n_pre = np.bincount(pre[0], minlength=n)
+    s_at = np.concatenate([[0], np.cumsum(n_sched)])
+    p_at = np.concatenate([[0], np.cumsum(n_pre)])
+    has = n_sched > 0
+    for name, col in (("scheduled_ns", 1), ("scheduled_step", 2), ("scheduled_done", 3)):
+        out[name] = np.full(n, _NO, np.int64)
+        out[name][has] = sched[col][s_at[:-1][has]]
+    out["num_preemptions"] = n_pre
+    out["num_resumes"] = np.maximum(n_sched - 1, 0)
+    unresumed = np.zeros(n, np.int64)
+    empty: list[int] = []  # shared: read only
+    lists: dict[str, list[list[int] | None]] = {
+        name: [empty] * n for name in ("preempted_steps", "preempted_outputs",
+                                       "resumed_steps", "resumed_done_tokens")}
+
+    def ints(values: np.ndarray) -> list[int] | None:
+        return None if (values == _NO).any() else values.tolist()
+
+    for i in np.flatnonzero((n_sched > 1) | (n_pre > 0)).tolist():
+        s = slice(s_at[i] + 1, s_at[i + 1])
+        p = slice(p_at[i], p_at[i + 1])
+        lists["preempted_steps"][i] = ints(pre[2][p])
+        lists["preempted_outputs"][i] = ints(pre[3][p])
+        lists["resumed_steps"][i] = ints(sched[2][s])
+        lists["resumed_done_tokens"][i] = ints(sched[3][s])
+        unresumed[i] = unresumed_preemptions(pre[1][p].tolist(), sched[1][s].tolist())
+    out["unresumed"] = unresumed
+    out.update(lists)
+    out["odd"] = odd
+    return out
+
+
+def _api_columns(a: dict[str, Any], spans: dict[str, list[int | None]], odd: set[str]
+                 ) -> dict[str, Any]:
+    """Per API id: arrival, departure, abort (ns), abort reason, and token counts."""
+    ids = list(spans)
+    index = {rid: i for i, rid in enumerate(ids)}
+    n = len(ids)
+    r = np.fromiter((index[x] for x in a["rid"].tolist()), np.int64, len(a["rid"]))
+    kind, t = a["kind"], a["t"]
+    timed = t != _NO
+    out: dict[str, Any] = {"ids": ids, "index": index, "rows": {}, "odd": odd}
+    for name, code in (("arrival", ARRIVED), ("departed", DEPARTED), ("aborted", ABORTED)):
+        m = np.flatnonzero(timed & (kind == code))
+        acc = np.full(n, np.iinfo(np.int64).max, np.int64)
+        np.minimum.at(acc, r[m], t[m])
+        out[name] = np.where(acc == np.iinfo(np.int64).max, _NO, acc)
+    reason = np.full(n, None, dtype=object)
+    m = np.flatnonzero(timed & (kind == ABORTED) & (a["reason"] != None))  # noqa: E711
+    g, last = _first((-a["seq"][m],), r[m], n)
+    reason[g] = a["reason"][m][last]
+    out["reason"] = reason
+    for k, name in enumerate(("prompt", "output", "max_tokens")):
+        out[name] = np.array([_NO if spans[rid][k] is None else spans[rid][k] for rid in ids],
+                             np.int64)
+    return out
+
+
+def _api_for(index: dict[str, int], journey_id: str) -> str | None:
+    """Longest API id that is ``journey_id`` itself or a ``-``-delimited prefix of it."""
+    candidate = journey_id
+    while True:
+        if candidate in index:
+            return candidate
+        if "-" not in candidate:
+            return None
+        candidate = candidate.rsplit("-", 1)[0]
+
+
+_J_ROW = {"queued_ns": "queued_ns", "queued_step": "queued_step",
+          "scheduled_ns": "scheduled_ns", "scheduled_step": "scheduled_step",
+          "scheduled_done": "scheduled_done_tokens", "first_token_ns": "first_token_ns",
+          "first_token_step": "first_token_step", "finished_ns": "finished_ns",
+          "finished_step": "finished_step", "num_preemptions": "num_preemptions",
+          "num_resumes": "num_resumes", "unresumed": "unresumed_preemptions"}
+
+
+def _join(experiment: str, j: dict[str, Any], a: dict[str, Any]) -> pa.Table:
+    """Journeys joined to their API ids, then the API ids no journey joined; sorted."""
+    # requests the reference rebuilt override their columns
+    where = {rid: i for i, rid in enumerate(j["ids"])} if j["rows"] else {}
+    for rid, row in j["rows"].items():
+        i = where[rid]
+        for mine, theirs in _J_ROW.items():
+            j[mine][i] = _NO if row[theirs] is None else row[theirs]
+        for mine, theirs in (("total", "prompt_tokens"), ("output", "output_tokens"),
+                             ("max_tokens", "max_tokens")):
+            j[mine][i] = _NO if row[theirs] is None else row[theirs]
+        j["status"][i] = row["finish_status"]
+        for name in ("preempted_steps", "preempted_outputs", "resumed_steps",
+                     "resumed_done_tokens"):
+            j[name][i] = row[name]
+    for rid, api in a["rows"].items():
+        i = a["index"][rid]
+        for name, value in (("arrival", api.arrival), ("departed", api.departed),
+                            ("aborted", api.aborted)):
+            a[name][i] = _NO if value is None else value
+        a["reason"][i] = api.abort_reason
+    nj = len(j["ids"])
+    api_of = [_api_for(a["index"], jid) for jid in j["ids"]]
+    joined = {x for x in api_of if x is not None}
+    alone = [rid for rid in a["ids"] if rid not in joined]
+    n = nj + len(alone)
+    ai = np.array([-1 if x is None else a["index"][x] for x in api_of]
+                  + [a["index"][x] for x in alone], np.int64)
+
+    def api(name: str, missing: Any = _NO) -> np.ndarray:
+        values = np.append(a[name], np.array([missing], a[name].dtype))
+        return values[ai]  # index -1: the appended "missing"
+
+    def journey(name: str, missing: Any = _NO) -> np.ndarray:
+        values = j[name]
+        return np.concatenate([values, np.full(len(alone), missing, values.dtype)])
+
+    cols: dict[str, Any] = {
+        "request_id": np.array(j["ids"] + [None] * len(alone), dtype=object),
+        "api_request_id": np.array(api_of + alone, dtype=object),
+        "arrival_ns": api("arrival"), "queued_ns": journey("queued_ns"),
+        "scheduled_ns": journey("scheduled_ns"), "first_token_ns": journey("first_token_ns"),
+        "finished_ns": journey("finished_ns"), "departed_ns": api("departed"),
+        "aborted_ns": api("aborted"), "queued_step": journey("queued_step"),
+        "scheduled_step": journey("scheduled_step"),
+        "first_token_step": journey("first_token_step"),
+        "finished_step": journey("finished_step"),
+        "num_preemptions": journey("num_preemptions", 0),
+        "num_resumes": journey("num_resumes", 0),
+        "unresumed_preemptions": journey("unresumed", 0),
+        "scheduled_done_tokens": journey("scheduled_done"),
+    }
+    for mine, name in (("total", "prompt"), ("output", "output"),
+                       ("max_tokens", "max_tokens")):
+        own = journey(mine)
+        cols[f"{name}_tokens" if name != "max_tokens" else name] = np.where(
+            own != _NO, own, api(name))
+    status = journey("status", None)
+    aborted = cols["aborted_ns"] != _NO
+    cols["finish_status"] = np.where(status != None, status,  # noqa: E711
+                                     np.where(aborted, "aborted", None)).astype(object)
+    cols["abort_reason"] = api("reason", None)
+    for name in ("preempted_steps", "preempted_outputs", "resumed_steps",
+                 "resumed_done_tokens"):
+        cols[name] = j[name] + [[] for _ in alone]
+    for name, (start, end) in {"pre_queue_us": ("arrival_ns", "queued_ns"),
+                               "post_finish_us": ("finished_ns", "departed_ns"),
+                               "ttft_us": ("arrival_ns", "first_token_ns"),
+                               "e2e_us": ("arrival_ns", "departed_ns")}.items():
+        ok = (cols[start] != _NO) & (cols[end] != _NO)
+        cols[name] = np.where(ok, (cols[end] - cols[start]) / 1e3, np.nan)
+        cols[f"{name}:ok"] = ok
+    first = np.where(cols["arrival_ns"] != _NO, cols["arrival_ns"],
+                     np.where(cols["queued_ns"] != _NO, cols["queued_ns"], 0)).tolist()
+    label = [x or y or "" for x, y in zip(cols["request_id"].tolist(),
+                                          cols["api_request_id"].tolist(), strict=True)]
+    order = sorted(range(n), key=lambda i: (first[i], label[i]))
+    arrays: dict[str, pa.Array] = {"experiment": pa.array([experiment] * n, pa.string())}
+    for f in REQUEST_SCHEMA:
+        if f.name == "experiment":
+            continue
+        values = cols[f.name]
+        if isinstance(values, list):
+            arrays[f.name] = pa.array([values[i] for i in order], f.type)
+        elif f.type == pa.int64():
+            v = values[order]
+            arrays[f.name] = pa.array(v, f.type, mask=v == _NO)
+        elif f.type == pa.float64():
+            arrays[f.name] = pa.array(values[order], f.type, mask=~cols[f"{f.name}:ok"][order])
+        else:
+            arrays[f.name] = pa.array(values[order].tolist(), f.type)
+    return pa.table(arrays, schema=REQUEST_SCHEMA)
 
 
 def request_table(events: Iterable[Event], experiment: str = "") -> pa.Table:

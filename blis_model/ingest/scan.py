@@ -1,4 +1,9 @@
-"""Columnar decoding of selected OTLP span events, fast and exact.
+"""Columnar decoding of selected OTLP span events, fast and exact: the line decoder.
+
+Ingestion decodes lines in blocks (``ingest.blocks``, numpy); this module is its
+per-line fallback for the lines a block cannot take (escapes, non-ASCII, malformed
+lines, unusual layouts), the generic decoder every fast path must equal, and the event
+layouts (``probe_spec``) both fast paths learn from.
 
 A caller names the events it wants (:class:`Wanted`: scope, event name, numeric and
 string attributes) and gets, per line, one :class:`EventColumns` per kind: the wanted
@@ -33,7 +38,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -75,22 +80,42 @@ def _spelling(kind: str, value: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Wanted:
-    """Attributes to extract from events ``name`` of scope ``scope``."""
+    """Attributes to extract from events ``name`` of scope ``scope``.
+
+    ``ints`` (block decoder only, ``ingest.blocks``): exact int64 values of integer
+    attributes, :data:`MISSING_INT` when absent. ``strict``: the block decoder decodes an
+    event of this kind only when every wanted attribute it carries is spelled as its role
+    says (``ints``: intValue; ``numbers``: intValue or a JSON-number doubleValue;
+    ``strings``: stringValue); any other event is handed back whole (an ``Event``), so a
+    caller with its own conversion rules (the request table) sees it as before.
+    """
 
     scope: str
     name: str
     numbers: tuple[str, ...] = ()  # → float64, NaN when missing or not a number
     strings: tuple[str, ...] = ()  # → UTF-8 bytes, None when missing or not a string
+    ints: tuple[str, ...] = ()  # → int64, MISSING_INT when missing (block decoder only)
+    strict: bool = False
+
+
+MISSING_INT = np.iinfo(np.int64).min  # an absent ``ints`` attribute (|values| < 9e18)
 
 
 @dataclass
 class EventColumns:
-    """The wanted attributes of consecutive events of one kind, in file order."""
+    """The wanted attributes of consecutive events of one kind, in file order.
+
+    The block decoder adds, for kinds of kept scopes (journey and API events), each
+    event's span attributes (``span_attrs``) and its position in the file (``seq``:
+    line number × 2**24 + the event's index in its line), and ``ints``."""
 
     wanted: Wanted
     size: int
     numbers: dict[str, np.ndarray]
     strings: dict[str, list[bytes | None]]
+    ints: dict[str, np.ndarray] = field(default_factory=dict)
+    span_attrs: list[dict[str, Any]] | None = None
+    seq: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.size
@@ -191,6 +216,17 @@ def _compile(wanted: Wanted, fields: tuple[str, ...], attrs: tuple[tuple[str, st
 def _probe(line: bytes, pos: int, wanted: Wanted) -> _Layout | None:
     """The layout of the event whose ``"name"`` is at ``pos`` (None if it has no simple
     layout: then the events stay with the generic decoder)."""
+    spec = probe_spec(line, pos, wanted)
+    return None if spec is None else _compile(wanted, *spec)
+
+
+LayoutSpec = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
+"""An event's layout: its field order and its attributes as (key, value spelling)."""
+
+
+def probe_spec(line: bytes, pos: int, wanted: Wanted) -> LayoutSpec | None:
+    """The layout of the event whose ``"name"`` is at ``pos``: (fields, attributes); None
+    if it has no simple layout (then the events stay with the generic decoder)."""
     start = line.rfind(b"{", 0, pos)
     end = line.find(b"]}", pos)
     if start < 0 or end < 0:
@@ -213,7 +249,7 @@ def _probe(line: bytes, pos: int, wanted: Wanted) -> _Layout | None:
         if spelling is None:
             return None
         attrs.append((attr["key"], spelling))
-    return _compile(wanted, tuple(event), tuple(attrs))
+    return tuple(event), tuple(attrs)
 
 
 # -- decoding --------------------------------------------------------------------------
@@ -286,7 +322,7 @@ def _fast_columns(line: bytes, wanted: Sequence[Wanted], scopes: Collection[str]
         return None
     tags = {f"L{i}": i for i in range(len(layouts))}
     by_event = {(w.scope, w.name): k for k, w in enumerate(wanted)}
-    runs: list[tuple[str, list[str]]] = []
+    runs: list[tuple[str, list[str], dict]] = []
     generic: list[list[Event]] = [[] for _ in wanted]
     kept: list[Event] = []  # the events of ``scopes``, whole (never placeholders)
     seen: Counter[str] = Counter()
@@ -302,10 +338,10 @@ def _fast_columns(line: bytes, wanted: Sequence[Wanted], scopes: Collection[str]
                 generic[k].append(item)  # type: ignore[arg-type]
     if seen != Counter({f"L{i}": lay[3] for i, lay in enumerate(layouts)}):
         return None  # a placeholder lost or a foreign string event: the generic path decides
-    if any(scope in scopes for scope, _ in runs):
+    if any(scope in scopes for scope, _, _ in runs):
         return None  # a placeholder hides an event of a kept scope: the generic path decides
     mine = [[i for i, lay in enumerate(layouts) if lay[0] == k] for k in range(len(wanted))]
-    foreign = any(layouts[tags[t]][1].wanted.scope != scope for scope, run in runs
+    foreign = any(layouts[tags[t]][1].wanted.scope != scope for scope, run, _ in runs
                   for t in set(run))
     if not foreign and all(len(m) <= 1 and not (m and generic[k]) for k, m in enumerate(mine)):
         out = []
@@ -328,7 +364,7 @@ def _interleaved(items: list, wanted: Sequence[Wanted],
     keeps: list[list[bool]] = [[] for _ in layouts]
     for item in items:
         if type(item) is tuple:
-            scope, run = item
+            scope, run, _ = item
             for tag in run:
                 i = tags[tag]
                 ok = scope == layouts[i][1].wanted.scope
@@ -352,20 +388,51 @@ def _interleaved(items: list, wanted: Sequence[Wanted],
     return out
 
 
+def line_columns(line: bytes, wanted: Sequence[Wanted], scopes: Collection[str] = ()
+                 ) -> Scanned:
+    """The line decoder: :func:`scan_with_events` through the regex layouts, else the
+    generic decoder (which words the error of a malformed line)."""
+    try:
+        scanned = _fast_columns(line, wanted, scopes)
+    except ValueError:  # a value the fast conversion rejects: the generic path decides
+        scanned = None
+    if scanned is not None:
+        return scanned
+    return generic_with_events(line, wanted, scopes)
+
+
+def concat_columns(chunks: Sequence[EventColumns]) -> EventColumns:
+    """Consecutive column chunks of one kind as one."""
+    if len(chunks) == 1:
+        return chunks[0]
+    w = chunks[0].wanted
+    out = EventColumns(
+        w, sum(c.size for c in chunks),
+        {k: np.concatenate([c.numbers[k] for c in chunks]) for k in w.numbers},
+        {k: [x for c in chunks for x in c.strings[k]] for k in w.strings},
+        {k: np.concatenate([c.ints[k] for c in chunks]) for k in w.ints})
+    if all(c.seq is not None for c in chunks):
+        out.seq = np.concatenate([c.seq for c in chunks])  # type: ignore[misc]
+        out.span_attrs = [a for c in chunks for a in c.span_attrs]  # type: ignore[union-attr]
+    return out
+
+
 def scan_with_events(line: bytes, wanted: Sequence[Wanted], scopes: Collection[str] = (),
                      fast: bool = True) -> Scanned:
     """Decode ``line`` once: one non-empty ``EventColumns`` per wanted kind present, in
     ``wanted`` order, and every event of ``scopes`` decoded whole, in file order (as
     :func:`~blis_model.ingest.otlp.decode_line` gives them). Raises ValueError (with the
-    reason) when the line is not valid OTLP JSON."""
-    if fast:
-        try:
-            scanned = _fast_columns(line, wanted, scopes)
-        except ValueError:  # a value the fast conversion rejects: the generic path decides
-            scanned = None
-        if scanned is not None:
-            return scanned
-    return generic_with_events(line, wanted, scopes)
+    reason) when the line is not valid OTLP JSON. ``fast`` decodes through the block
+    decoder (``ingest.blocks``, one line as a block), falling back to :func:`line_columns`
+    for what it leaves; otherwise through the generic decoder."""
+    if not fast:
+        return generic_with_events(line, wanted, scopes)
+    from blis_model.ingest.blocks import scan_block  # (blocks builds on this module)
+
+    block = scan_block([(0, line)], wanted, scopes)
+    if block.problems:
+        raise ValueError(block.problems[0][1])
+    return [concat_columns(c) for c in block.columns if c], [e for _, e in block.events]
 
 
 def scan_line(line: bytes, wanted: Sequence[Wanted], fast: bool = True) -> list[EventColumns]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from blis_model.ingest.otlp import STEP_SCOPE, Event, Problem
 from blis_model.ingest.scan import EventColumns, Wanted, columns_from_events
@@ -231,14 +232,14 @@ class StepTableBuilder:
             comp[name] = np.where(has_snap, comp[name], fallback[name])
         counts["steps_kept"] = len(keep)
         counts["steps_with_snapshots"] = int(has_snap.sum())
-        arrays = {"experiment": pa.array([self.experiment] * len(keep), pa.string()),
+        arrays = {"experiment": pa.repeat(pa.scalar(self.experiment, pa.string()), len(keep)),
                   "step_id": pa.array(cols["step_id"], pa.int64())}
         for c in SUMMARY_FIELDS.values():
             if c != "step_id":
                 arrays[c] = pa.array(np.nan_to_num(cols[c], nan=0.0), pa.float64())
         for c in COMPOSITION_COLUMNS:
             arrays[c] = pa.array(comp[c], pa.float64())
-        arrays["composition"] = pa.array(np.where(has_snap, "snapshot", "summary"), pa.string())
+        arrays["composition"] = pc.if_else(pa.array(has_snap, pa.bool_()), "snapshot", "summary")
         return pa.table(arrays, schema=STEP_SCHEMA), counts
 
     def _snapshots(self, counts: dict[str, int]

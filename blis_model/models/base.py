@@ -1,7 +1,7 @@
 """What every step-time family shares: the estimator contract and serialisation.
 
 Contract (scikit-learn): parameters stored verbatim in ``__init__``; learning only in
-``fit(X, y=None)`` where ``X`` is a feature frame (``blis_model.dataset``) and ``y``
+``fit(X, y=None)`` where ``X`` is a feature frame (``blis_model.features.frame``) and ``y``
 defaults to ``X["duration_us"]``; learned state ends with ``_``; ``predict`` never
 changes state. ``to_dict`` gives the native coefficients with units (for
 ``coefficients.json``) and ``from_dict`` rebuilds a fitted model from it.

@@ -18,7 +18,8 @@ FAMILIES: dict[str, type[StepTimeModel]] = {
     "hybrid": Hybrid, "overlap": Overlap,
 }
 DEFAULT_FAMILY = "picf"
-AUTO_FAMILY = "auto"  # choose the family by leave-one-experiment-out (blis_model.selection)
+# choose the family by leave-one-experiment-out (blis_model.calibration.selection)
+AUTO_FAMILY = "auto"
 
 
 def check_family(family: str) -> str:

@@ -1,6 +1,6 @@
 """Any model family at scale: fit on a bounded deterministic sample, score on full shards.
 
-PICF has sufficient statistics (``blis_model.shards``): it is fit exactly from the summed
+PICF has sufficient statistics (``blis_model.scale.shards``): it is fit exactly from the summed
 per-shard statistics. The other families (``overlap``, ``mole_rd``, ...) are nonlinear or
 need the rows themselves, so at scale they are fit on a :class:`FitSample`: at most
 ``max_rows`` steps drawn from the shards, evenly spaced by step id within each experiment
