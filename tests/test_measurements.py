@@ -514,3 +514,25 @@ def test_errors_at_scattered_times_are_no_timeout_and_a_configured_one_wins(tmp_
     configured = LoadProfile(**{**WORKLOAD.__dict__, "request_timeout_s": 60.0})
     m = read_measurements(str(_write(tmp_path / "b", _rows(), workload=configured)))
     assert client_timeout_us(m) == 60e6
+
+
+def test_a_replay_aborts_what_the_client_gave_up_on(tmp_path):
+    """With a server far too slow for the load, requests still unfinished at the client's
+    timeout are aborted in the replay (the last ones at the boundary after the last
+    step), and the report counts completions the client would have seen."""
+    from blis_model.requests.latency import latency_table, run_replay
+    from blis_model.requests.measured import load_measured
+
+    rows = _timed_out(_rows(), range(30, 60), 4_000_000)  # a 4 s client timeout
+    write_measurements(str(tmp_path / "slow"), rows, exp_config={**SERVER, "max_num_seqs": 4},
+                       workload=WORKLOAD, hf_config=LLAMA_7B_CONFIG)
+    item = load_measured(str(tmp_path), "slow")
+    # 35 ms per step: ~3.5 s per request, 4 at a time, while ~4 arrive per second
+    replayed = run_replay(item, lambda agg: 35_000.0, (0.0, 0.0, 0.0))
+    status = np.asarray(replayed.requests.column("status").to_numpy(zero_copy_only=False))
+    assert (status == "aborted").sum() > 0 and (status == "finished").sum() > 0
+    finished = status == "finished"
+    assert (replayed.predicted["e2e"][finished] <= item.client_timeout_us + 35_000).all()
+    report = latency_table(item, replayed)
+    assert report["completed_simulated"] == int(finished.sum())
+    assert report["client_timeout_s"] == pytest.approx(4.0 + 137 * 30 / 1e6)

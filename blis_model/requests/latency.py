@@ -64,6 +64,14 @@ def step_features(steps: pa.Table, item: MeasuredExperiment, features: Sequence[
     return compute(list(features), cols, feature_context(item.experiment))
 
 
+def _depth_at(running: np.ndarray, step: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """Running requests at each finished request's ``step`` (0 for the others: an aborted
+    request may end at the boundary after the last step)."""
+    out = np.zeros(len(step))
+    out[done] = running[step[done].astype(np.int64)]
+    return out
+
+
 def run_replay(item: MeasuredExperiment, step_time: StepTime, alphas: Alphas,
                features: Sequence[str] | None = None, per_running_us: float = 0.0
                ) -> Replayed:
@@ -83,8 +91,7 @@ def run_replay(item: MeasuredExperiment, step_time: StepTime, alphas: Alphas,
     running = result.steps.column("running_depth").to_numpy()
     f_step = req.column("first_token_step").to_numpy(zero_copy_only=False)
     l_step = req.column("finished_step").to_numpy(zero_copy_only=False)
-    n_first = np.where(done, running[np.nan_to_num(f_step, nan=0).astype(np.int64)], 0.0)
-    n_last = np.where(done, running[np.nan_to_num(l_step, nan=0).astype(np.int64)], 0.0)
+    n_first, n_last = _depth_at(running, f_step, done), _depth_at(running, l_step, done)
     g = float(per_running_us)
     ttft = np.where(done, first + a2 + g * n_first - arrival, np.nan)
     e2e = np.where(done, finish - arrival + a1 + a2 * n_out + g * n_last, np.nan)
