@@ -98,7 +98,29 @@ class StepTimeModel(RegressorMixin, BaseEstimator):
         raise NotImplementedError
 
 
-class ConfigCoefficientSets(StepTimeModel):
+class PerConfigurationTerms:
+    """What every family with per-configuration terms shares: the choice of a
+    configuration's terms by ``models.config_terms.select_terms`` with the family's
+    ``config_prior_steps``, ``config_bound`` and ``config_selection``, and the defaults of
+    its terms protocol for terms that are arrays (scaled by a factor, flattened)."""
+
+    config_prior_steps: float
+    config_bound: float
+    config_selection: str
+
+    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
+        """This model's choice of terms for configuration ``key`` on its steps."""
+        return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
+                            self.config_selection)
+
+    def _terms_scaled(self, terms: np.ndarray, factor: float) -> np.ndarray:
+        return terms * factor
+
+    def _terms_vector(self, terms: np.ndarray) -> np.ndarray:
+        return np.asarray(terms).ravel()
+
+
+class ConfigCoefficientSets(PerConfigurationTerms, StepTimeModel):
     """A family with one global coefficient vector ``coef_`` (over ``features``) and one
     vector per configuration key in ``config_coef_``.
 
@@ -147,12 +169,6 @@ class ConfigCoefficientSets(StepTimeModel):
                    prior_steps: float) -> np.ndarray:
         return self._fit_config(X, y, reference, prior_steps)
 
-    def _terms_scaled(self, terms: np.ndarray, factor: float) -> np.ndarray:
-        return terms * factor
-
-    def _terms_vector(self, terms: np.ndarray) -> np.ndarray:
-        return terms
-
     def _terms_layout(self, X: pd.DataFrame, y: np.ndarray
                       ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         lower, upper = self._bounds(X, y)
@@ -189,11 +205,6 @@ class ConfigCoefficientSets(StepTimeModel):
     def _refresh_machine_factors(self) -> None:
         self.machine_host_: dict[str, dict[str, Any]] = (
             machine_host_factors(self.config_choice_) if self._offers_host() else {})
-
-    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
-        """This model's choice of terms for configuration ``key`` on its steps."""
-        return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
-                            self.config_selection)
 
     def _apply(self, key: str, selection: Selection) -> None:
         if selection.terms is not None:

@@ -42,6 +42,7 @@ import pandas as pd
 from blis_model.features.candidates import CANDIDATE_FEATURES
 from blis_model.models.ard import pooled_posterior, predictive_std, prior_means, stats_scale
 from blis_model.models.base import (
+    PerConfigurationTerms,
     StepTimeModel,
     calibration_block,
     coefficient_table,
@@ -59,7 +60,6 @@ from blis_model.models.config_terms import (
     column_scale,
     machine_factor,
     machine_host_factors,
-    select_terms,
     term_bounds,
 )
 from blis_model.models.linear import (
@@ -78,7 +78,7 @@ whether it is the configuration's own posterior — a sequential-Bayes prior).""
 PRECISION_UNIT = "1 / (relative error)²"
 
 
-class BSRARD(StepTimeModel):
+class BSRARD(PerConfigurationTerms, StepTimeModel):
     """ARD over the candidate features; per-configuration conjugate updates."""
 
     family = "bsr_ard"
@@ -218,10 +218,6 @@ class BSRARD(StepTimeModel):
         A = design(X, self.features) / np.asarray(y, dtype=np.float64)[:, None]
         lower, upper = term_bounds(self.coef_, column_scale(A), self.config_bound)
         return list(self.features), self.coef_, lower, upper
-
-    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
-        return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
-                            self.config_selection)
 
     def _apply(self, key: str, selection: Selection) -> None:
         if selection.terms is not None:

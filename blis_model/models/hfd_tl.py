@@ -39,6 +39,7 @@ from blis_model.features import candidates  # noqa: F401 - registers residual fe
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.metrics import summary
 from blis_model.models.base import (
+    PerConfigurationTerms,
     StepTimeModel,
     calibration_block,
     coefficient_table,
@@ -58,7 +59,6 @@ from blis_model.models.config_terms import (
     column_scale,
     machine_factor,
     machine_host_factors,
-    select_terms,
     term_bounds,
 )
 from blis_model.models.linear import config_groups, linear_predict, relative_stats
@@ -107,7 +107,7 @@ def config_term_bounds(base_parts: np.ndarray, residual: np.ndarray, y: np.ndarr
                        column_scale(D), kappa)
 
 
-class HFDTL(StepTimeModel):
+class HFDTL(PerConfigurationTerms, StepTimeModel):
     """Universal physics base + per-configuration scale and residual terms."""
 
     family = "hfd_tl"
@@ -313,10 +313,6 @@ class HFDTL(StepTimeModel):
         return ["scale/cpu"] + [f"residual/{n}" for n, h in
                                 zip(self.residual_features, host_mask(self.residual_features),
                                     strict=True) if h]
-
-    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
-        return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
-                            self.config_selection)
 
     def _apply(self, key: str, selection: Selection) -> None:
         if selection.terms is not None:

@@ -33,6 +33,7 @@ import pandas as pd
 
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.models.base import (
+    PerConfigurationTerms,
     StepTimeModel,
     calibration_block,
     coefficient_table,
@@ -42,7 +43,7 @@ from blis_model.models.base import (
     restore_choices,
     target,
 )
-from blis_model.models.config_terms import KAPPA, Selection, select_terms, term_bounds
+from blis_model.models.config_terms import KAPPA, Selection, term_bounds
 from blis_model.models.linear import columns_fn, config_groups, linear_predict, relative_stats
 from blis_model.models.regimes import (
     COMPUTE_FEATURES,
@@ -60,7 +61,7 @@ LAUNCH_FEATURES = ("step_overhead", "layer_kernels", "moe_layer_overhead")
 launch floor of the launch-bound rule."""
 
 
-class MoLERD(StepTimeModel):
+class MoLERD(PerConfigurationTerms, StepTimeModel):
     """Per-regime non-negative linear experts over physics features, softly gated."""
 
     family = "mole_rd"
@@ -145,12 +146,6 @@ class MoLERD(StepTimeModel):
         return self._fit_experts(X, y, self.regime_weights(X), reference, prior_steps,
                                  bounded=True)
 
-    def _terms_scaled(self, terms: np.ndarray, factor: float) -> np.ndarray:
-        return terms * factor
-
-    def _terms_vector(self, terms: np.ndarray) -> np.ndarray:
-        return np.asarray(terms).ravel()
-
     def _terms_layout(self, X: pd.DataFrame, y: np.ndarray
                       ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         names = list(self.features)
@@ -165,10 +160,6 @@ class MoLERD(StepTimeModel):
             upper.append(hi)
         labels = [f"{r}/{n}" for r in REGIMES for n in names]
         return labels, self.regime_coef_.ravel(), np.concatenate(lower), np.concatenate(upper)
-
-    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
-        return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
-                            self.config_selection)
 
     def _apply(self, key: str, selection: Selection) -> None:
         if selection.terms is not None:

@@ -33,6 +33,7 @@ import pandas as pd
 
 from blis_model.features.physics import PHYSICS_FEATURES
 from blis_model.models.base import (
+    PerConfigurationTerms,
     StepTimeModel,
     calibration_block,
     coefficient_table,
@@ -47,7 +48,6 @@ from blis_model.models.config_terms import (
     KAPPA,
     Selection,
     column_scale,
-    select_terms,
     term_bounds,
 )
 from blis_model.models.linear import config_groups, frame_column, linear_predict
@@ -69,7 +69,7 @@ def _raw_embedding(X: pd.DataFrame, columns: Sequence[str], idx: np.ndarray) -> 
     return np.array([np.log1p(max(float(frame_column(X, c)[row][0]), 0.0)) for c in columns])
 
 
-class RECE(StepTimeModel):
+class RECE(PerConfigurationTerms, StepTimeModel):
     """Quantile specialists per configuration + embedding-weighted ensemble for new ones."""
 
     family = "rece"
@@ -127,12 +127,6 @@ class RECE(StepTimeModel):
         penalty = np.full(len(self.features), float(prior_steps))
         return self._fit_levels(A, y, reference, penalty, pilot_prediction(A, y), bounded=True)
 
-    def _terms_scaled(self, terms: np.ndarray, factor: float) -> np.ndarray:
-        return terms * factor
-
-    def _terms_vector(self, terms: np.ndarray) -> np.ndarray:
-        return np.asarray(terms).ravel()
-
     def _terms_layout(self, X: pd.DataFrame, y: np.ndarray
                       ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         scale = column_scale(design(X, list(self.features)) / y[:, None])
@@ -141,10 +135,6 @@ class RECE(StepTimeModel):
         names = [f"p{float(q) * 100:g}/{n}" for q in self.quantiles for n in self.features]
         return (names, self.coef_.ravel(), np.concatenate([b[0] for b in bounds]),
                 np.concatenate([b[1] for b in bounds]))
-
-    def _select(self, key: str, X: pd.DataFrame, y: np.ndarray) -> Selection:
-        return select_terms(self, X, y, key, self.config_prior_steps, self.config_bound,
-                            self.config_selection)
 
     def _apply(self, key: str, selection: Selection, reference: np.ndarray,
                embedding: np.ndarray) -> None:
