@@ -319,3 +319,43 @@ def test_block_decoder_equals_line_by_line_on_odd_lines():
         for key in want.numbers:
             np.testing.assert_array_equal(got.numbers[key], want.numbers[key])
         assert got.strings == want.strings
+
+
+@pytest.mark.parametrize("spelling", [
+    '"0"', '"-7"', '"007"', '"-0"', '"123456789012345678"', '"1234567890123456789"',
+    '"-8234567890123456789"', '"9234567890123456789"', '"12345678901234567890"', '""',
+    '"-"', '"12a"', '"1 "', "42", "-42", "0", "042", "-0", "123456789012345678",
+    "1234567890123456789"])
+@pytest.mark.parametrize("time", ['"1"', '""', '"1700000000000000000"', '"17000000000x"',
+                                  '"' + "9" * 30 + '"', '"' + "9" * 31 + '"'])
+def test_block_decoder_reads_integer_and_time_spellings_as_the_generic_one(spelling, time):
+    """Each step.duration_us spelling (quoted, bare, too long, not digits) and each
+    timeUnixNano in a block of ordinary lines (whose layouts, quoted and bare, the block
+    learns first): the same columns and problems as line by line (the block validates
+    and converts them itself)."""
+    bare = step_line(2).replace(b'"intValue":"100"', b'"intValue":100')
+    odd = step_line(3).replace(b'"intValue":"100"', b'"intValue":' + spelling.encode())
+    odd = odd.replace(b'"timeUnixNano":"1"', b'"timeUnixNano":' + time.encode())
+    numbered = list(enumerate([step_line(1), bare, odd, step_line(4)], 1))
+    scanned = scan_block(numbered, STEP_EVENTS, REQUEST_SCOPES)
+    expected_cols: list[list] = [[] for _ in STEP_EVENTS]
+    problems = []
+    for lineno, line in numbered:
+        try:
+            cols, _ = generic_with_events(line, STEP_EVENTS, REQUEST_SCOPES)
+        except ValueError as exc:
+            problems.append((lineno, str(exc)))
+            continue
+        for c in cols:
+            expected_cols[STEP_EVENTS.index(c.wanted)].append(c)
+    assert scanned.problems == problems
+    for got, want in zip(scanned.columns, expected_cols, strict=True):
+        if not want:
+            assert not got
+            continue
+        got, want = concat_columns(got), concat_columns(want)
+        assert got.size == want.size
+        for key in want.numbers:
+            np.testing.assert_array_equal(got.numbers[key], want.numbers[key])
+        for key in want.ints:
+            np.testing.assert_array_equal(got.ints[key], want.ints[key])

@@ -261,16 +261,17 @@ def _ints(arr: np.ndarray, words: np.ndarray, start: np.ndarray, end: np.ndarray
           bare: bool) -> tuple[np.ndarray, np.ndarray]:
     """(int64 values, ok) of integer spellings: ``-?(?:[1-8]\\d{18}|\\d{1,18})`` inside
     quotes, ``-?(?:0|[1-9]\\d{0,17})`` as a JSON number (``bare``)."""
-    head = words[np.minimum(start, len(words) - 1)]  # the first two bytes: sign, lead
-    neg = (head & _U(0xFF)) == ord("-")
+    neg = arr[start] == ord("-")  # (every start lies inside its event, so in the block)
     first = start + neg
     digits = end - first
-    lead = np.where(neg, (head >> _U(8)) & _U(0xFF), head & _U(0xFF))
-    ok = (digits >= 1) & (digits <= 19)
+    ok = (digits >= 1) & (digits <= 18)
     if bare:
-        ok &= (digits <= 18) & ((digits == 1) | (lead != ord("0")))
-    else:
-        ok &= (digits <= 18) | ((lead >= ord("1")) & (lead <= ord("8")))
+        ok &= (digits == 1) | (arr[first] != ord("0"))
+    else:  # 19 digits: a quoted int64 led by 1-8
+        long = np.flatnonzero(digits == 19)
+        if len(long):
+            lead = arr[first[long]]
+            ok[long] = (lead >= ord("1")) & (lead <= ord("8"))
     value, good = _digit_words(words, end, np.minimum(digits, 8))
     ok &= good
     for k, scale in ((1, _U(10**8)), (2, _U(10**16))):  # longer values: 8 digits at a time
@@ -282,7 +283,7 @@ def _ints(arr: np.ndarray, words: np.ndarray, start: np.ndarray, end: np.ndarray
         value[rows] += part * scale
         ok[rows] &= good
     signed = value.view(np.int64)
-    return np.where(neg, -signed, signed), ok
+    return (np.where(neg, -signed, signed) if neg.any() else signed), ok
 
 
 def _time_ok(words: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -290,7 +291,12 @@ def _time_ok(words: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarra
     size = end - start
     ok = size <= 30
     for k in range(4):
-        rows = np.flatnonzero(size > 8 * k)
+        longer = size > 8 * k
+        if longer.all():  # (the usual case: every time has 19 digits)
+            ok &= _digit_words(words, end - 8 * k, np.minimum(size - 8 * k, 8),
+                               value=False)[1]
+            continue
+        rows = np.flatnonzero(longer)
         if not len(rows):
             break
         ok[rows] &= _digit_words(words, end[rows] - 8 * k,

@@ -18,6 +18,11 @@ from typing import Any, BinaryIO
 
 import orjson
 
+try:  # ISA-L's inflate (igzip): the zlib API, 2-4x faster; plain zlib where it is missing
+    from isal import isal_zlib as _inflate
+except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
+    _inflate = zlib  # type: ignore[assignment]
+
 STEP_SCOPE = "vllm.scheduler.step"
 JOURNEY_SCOPE = "vllm.scheduler"
 API_SCOPE = "vllm.api"
@@ -166,7 +171,7 @@ def _chunks(raw: BinaryIO, name: str) -> Iterator[bytes | _StreamEnd]:
             yield data
             data = raw.read(READ_CHUNK)
         return
-    inflater, fed = zlib.decompressobj(zlib.MAX_WBITS | 16), False
+    inflater, fed = _inflate.decompressobj(zlib.MAX_WBITS | 16), False
     try:
         while True:
             if not data:
@@ -188,10 +193,10 @@ def _chunks(raw: BinaryIO, name: str) -> Iterator[bytes | _StreamEnd]:
                     if not data:
                         return
                     data = data.lstrip(b"\x00")
-                inflater, fed = zlib.decompressobj(zlib.MAX_WBITS | 16), False
+                inflater, fed = _inflate.decompressobj(zlib.MAX_WBITS | 16), False
             elif exhausted:
                 break
-    except zlib.error as exc:
+    except (zlib.error, _inflate.error) as exc:
         yield _StreamEnd(False, str(exc))
         return
     if fed:  # (an empty file is just empty)

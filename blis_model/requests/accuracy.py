@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from blis_model.configuration.defaults import TRAIN_FRACTION
 from blis_model.configuration.experiment import Experiment
@@ -57,9 +58,10 @@ def full_step_table(steps: pa.Table, rebuilt: pa.Table, experiment: str) -> pa.T
     n = len(ids)
     pos_t, traced = _lookup(traced_ids, ids)
     pos_r, known = _lookup(rebuilt_ids, ids)
-    comp = np.asarray(steps.column("composition").to_numpy(zero_copy_only=False), object)
+    is_snapshot = pc.fill_null(pc.equal(steps.column("composition"), "snapshot"), False)
     snapshot = traced.copy()
-    snapshot[traced] = comp[pos_t[traced]] == "snapshot"
+    snapshot[traced] = np.asarray(is_snapshot.to_numpy(zero_copy_only=False), bool
+                                  )[pos_t[traced]]
     composition = {}
     for c in COMPOSITION_COLUMNS:
         values = np.zeros(n)
@@ -71,7 +73,7 @@ def full_step_table(steps: pa.Table, rebuilt: pa.Table, experiment: str) -> pa.T
                "prefill_tokens": composition["pf_tokens"],
                "decode_tokens": composition["dc_count"],
                "running_depth": composition["pf_count"] + composition["dc_count"]}
-    arrays: dict[str, Any] = {"experiment": pa.array([experiment] * n, pa.string()),
+    arrays: dict[str, Any] = {"experiment": pa.repeat(pa.scalar(experiment, pa.string()), n),
                               "step_id": pa.array(ids, pa.int64())}
     for f in STEP_SCHEMA:
         if f.name in arrays or f.name in composition or f.name == "composition":
@@ -82,7 +84,7 @@ def full_step_table(steps: pa.Table, rebuilt: pa.Table, experiment: str) -> pa.T
         arrays[f.name] = pa.array(values, pa.float64())
     for c, values in composition.items():
         arrays[c] = pa.array(values, pa.float64())
-    arrays["composition"] = pa.array(np.where(snapshot, "snapshot", "journey"), pa.string())
+    arrays["composition"] = pc.if_else(snapshot, "snapshot", "journey")
     return pa.table(arrays, schema=STEP_SCHEMA)
 
 
