@@ -24,13 +24,21 @@ $(STAMP): pyproject.toml
 test: setup go-toolchain stack-deps
 	$(TEST_ENV) $(BIN)/python -m pytest -q tests
 
-# The real step-only sample corpus (BLIS default alphas), then a synthetic multi-config corpus
-# with journey + API traces (fitted alphas, TTFT/ITL/E2E accuracy), both into store/.
+# The real step-only sample corpus (BLIS default alphas); a synthetic multi-config corpus
+# with journey + API traces (fitted alphas, TTFT/ITL/E2E accuracy); then the client view of
+# synthetic runs with a physical step law (request measurements only): fit by replay, and
+# that release replayed on them (one row per request in out/demo-requests.csv). All into
+# store/.
 demo: setup
 	$(TEST_ENV) $(BIN)/blis-model calibrate corpus/h100-real-steps --store store/
-	rm -rf out/demo-synth
+	rm -rf out/demo-synth out/demo-requests
 	$(TEST_ENV) $(BIN)/blis-model synth out/demo-synth --experiments 3 --requests 200 --seed 0
 	$(TEST_ENV) $(BIN)/blis-model calibrate out/demo-synth --store store/
+	$(TEST_ENV) $(BIN)/blis-model synth out/demo-requests --experiments 3 --requests 300 \
+		--seed 1 --client-only --step-law physics
+	release=$$($(TEST_ENV) $(BIN)/blis-model calibrate out/demo-requests --store store/ | tail -n 1) \
+		&& $(TEST_ENV) $(BIN)/blis-model replay "$$release" out/demo-requests \
+			--out out/demo-requests.csv
 
 lint: setup
 	$(BIN)/ruff check .

@@ -528,7 +528,7 @@ def _replay(release_url: str, workload: str, out: str, blis: str | None,
     reports = {item.name: r for item, _, r in results if r is not None}
     steps = sum(replayed.steps for _, replayed, _ in results)
     seconds = sum(replayed.seconds for _, replayed, _ in results)
-    err.print(f"{steps} steps replayed in {seconds:.1f} s ({steps / max(seconds, 1e-9):,.0f} "
+    err.print(f"{steps} steps replayed in {seconds:.2f} s ({steps / max(seconds, 1e-9):,.0f} "
               "steps/s)", markup=False)
     if reports:
         err.print(_replay_table(reports, f"release {rel.version} replayed (TTFT / ITL / E2E; "
@@ -855,18 +855,29 @@ def synth(out_dir: Annotated[str, typer.Argument(help="Corpus folder or URL to w
                                     "measurements) next to the traces.")] = False,
           client_only: Annotated[bool, typer.Option(
               "--client-only", help="Write the client view (request measurements) without "
-                                    "traces.")] = False) -> None:
+                                    "traces.")] = False,
+          step_law: Annotated[str, typer.Option(
+              "--step-law", help="Step times of the generated runs: 'linear' (each "
+                                 "configuration's linear law in tokens and requests) or "
+                                 "'physics' (synth.client_view.PHYSICS_LAW over the physics "
+                                 "features: what a fit by replay must recover).")]
+          = "linear") -> None:
     """Write a synthetic multi-configuration corpus with step, journey and API traces (known
     ground truth) to OUT_DIR, and/or the client view of the same runs (request
     measurements: --client-view, --client-only); print OUT_DIR (last line)."""
     import dataclasses
 
-    from blis_model.synth.client_view import write_synth_corpus
+    from blis_model.synth.client_view import PHYSICS_LAW, physics_step_time, write_synth_corpus
 
     with _user_errors(), _stdout_to_stderr():
+        if step_law not in ("linear", "physics"):
+            raise typer.BadParameter(f"--step-law must be 'linear' or 'physics', not "
+                                     f"{step_law!r}")
         configs = {}
         for name, cfg in _synth_configs(experiments, seed, requests).items():
             changes: dict[str, Any] = {"gzip": gzip}
+            if step_law == "physics":
+                changes["step_time_us"] = physics_step_time(PHYSICS_LAW, cfg, seed=cfg.seed)
             if snapshots is not None:
                 changes["snapshots"] = snapshots
             if sample_every is not None:

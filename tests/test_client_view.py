@@ -177,6 +177,33 @@ def test_cli_client_view_and_client_only(tmp_path: Path) -> None:
             assert read_measurements(str(out / name)).requests.num_rows == 40
 
 
+def test_cli_step_law_physics_times_steps_with_the_physics_law(tmp_path: Path) -> None:
+    """``--step-law physics``: every generated step takes PHYSICS_LAW · physics features
+    (± the law's noise); the default linear law does not; a bad value is one clear error."""
+    from blis_model.ingest.reader import read_step_table
+    from blis_model.synth.client_view import PHYSICS_LAW, physics_step_time
+    from blis_model.synth.simulator import SynthConfig
+
+    runner = CliRunner()
+    for law in ("physics", "linear"):
+        out = tmp_path / law
+        result = runner.invoke(app, ["synth", str(out), "--experiments", "1", "--requests",
+                                     "30", "--step-law", law, "--no-gzip"])
+        assert result.exit_code == 0, result.output
+    name = discover_experiments(str(tmp_path / "physics"))[0]
+    truth = SynthConfig(seed=0, num_requests=30)  # the first demo configuration's server
+    expected = physics_step_time(PHYSICS_LAW, truth)
+    assert expected.coefficients()["layer_kernels"] == PHYSICS_LAW["layer_kernels"]
+    steps = {law: read_step_table(load_experiment(str(tmp_path / law), name))[0]
+             for law in ("physics", "linear")}
+    ratio = {law: np.median(t.column("duration_us").to_numpy()
+                            / expected.mean_of(t)) for law, t in steps.items()}
+    assert abs(ratio["physics"] - 1.0) < 0.02  # lognormal noise of 2%, median unbiased
+    assert abs(ratio["linear"] - 1.0) > 0.05
+    bad = runner.invoke(app, ["synth", str(tmp_path / "bad"), "--step-law", "cubic"])
+    assert bad.exit_code != 0 and "--step-law" in bad.output
+
+
 # ---------------------------------------------------------------- the physics step law
 
 

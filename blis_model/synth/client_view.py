@@ -152,6 +152,17 @@ class PhysicsStepTime:
                               key="step_time_us")
 
 
+PHYSICS_LAW: dict[str, float] = {
+    "gemm_roofline_us": 1.25, "gemm_ridge_us": 0.2, "prefill_attention_us": 1.5,
+    "decode_attention_us": 1.2, "decode_attention_tail_us": 0.1, "lm_head_us": 1.1,
+    "activation_io_us": 1.2, "tp_allreduce_us": 1.0, "layer_kernels": 5.0,
+    "request_overhead": 8.0, "step_overhead": 300.0,
+}
+"""A plausible H100 law over the physics features (``synth --step-law physics``):
+corrections (× the roofline µs) 1.0–1.5, 5 µs per kernel launch, 8 µs per request and
+300 µs per step of host time. Fitting by replay on its client view must recover it."""
+
+
 def physics_step_time(beta: Mapping[str, float] | Sequence[float],
                       experiment_like: Experiment | SynthConfig, noise: float = 0.02,
                       seed: int = 0, *, features: Sequence[str] | None = None,
